@@ -1,0 +1,46 @@
+"""ckptd: torch.load's results, with storages streamed straight into shared memory.
+
+The public surface is small: :func:`load` (torch.load's contract, plus selective
+loading), :func:`jit_load` (torch.jit.load's), :func:`inspect` (a checkpoint's tensors
+without reading them) and the exception tree rooted at :class:`CkptdError`.
+
+>>> import io, torch, ckptd
+>>> buf = io.BytesIO(); torch.save({"w": torch.zeros(3)}, buf)
+>>> ckptd.load(buf.getvalue(), map_location="cpu")["w"]
+tensor([0., 0., 0.])
+"""
+
+from __future__ import annotations
+
+from ._exceptions import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CkptdError,
+    DeviceError,
+    NotSeekableError,
+    TensorNotFoundError,
+    UnpicklingError,
+    UnsupportedFormatError,
+    UsageError,
+)
+from ._inspect import inspect
+from ._jit import jit_load
+from ._load import load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CkptdError",
+    "DeviceError",
+    "NotSeekableError",
+    "TensorNotFoundError",
+    "UnpicklingError",
+    "UnsupportedFormatError",
+    "UsageError",
+    "__version__",
+    "inspect",
+    "jit_load",
+    "load",
+]

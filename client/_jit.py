@@ -1,0 +1,93 @@
+"""``ckptd.jit_load``: a TorchScript module whose parameters and buffers live in ckptd's arenas.
+
+torch.jit.load builds the module (types, code, constants, ``_extra_files``); ckptd then
+reads every tensor the archive's ``data.pkl`` names into an arena on the same device and
+points each parameter and buffer at it (``tensor.data = ...`` swaps the storage inside
+the TensorImpl the C++ module holds, so every name of a shared submodule sees it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+
+from ckptd.formats import CheckpointError, FileLike, Format, Layout, Source, TensorEntry, open_source, read_layout
+
+from ._placement import MapLocation
+from ._storages import read_storages
+
+
+def jit_load(
+    f: FileLike,
+    map_location: MapLocation = None,
+    _extra_files: dict[str, Any] | None = None,
+) -> torch.jit.ScriptModule:
+    """Load a TorchScript archive as :func:`torch.jit.load` does, tensors in ckptd's arenas.
+
+    >>> import io, torch, ckptd
+    >>> buf = io.BytesIO(); torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buf)
+    >>> module = ckptd.jit_load(buf.getvalue())
+    >>> module(torch.ones(1, 2)).shape
+    torch.Size([1, 2])
+    """
+    with open_source(f) as source:
+        return jit_load_source(f, source, map_location, _extra_files)
+
+
+def jit_load_source(
+    f: FileLike, source: Source, map_location: MapLocation, extra_files: dict[str, Any] | None
+) -> torch.jit.ScriptModule:
+    """:func:`jit_load` on an opened source (also torch.load's route for TorchScript archives)."""
+    layout = read_layout(source)
+    if layout.format is not Format.TORCHSCRIPT:
+        raise CheckpointError(source.name, "not a TorchScript archive; load it with ckptd.load")
+    module = torch.jit.load(_for_torch(f, source), map_location=map_location, _extra_files=extra_files)
+    _adopt_tensors(module, layout, source)
+    return module
+
+
+def _for_torch(f: FileLike, source: Source) -> Any:
+    """What torch.jit.load can open: the path or stream given, or the bytes wrapped."""
+    if isinstance(f, (str, os.PathLike)):
+        return os.fspath(f)
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(f))
+    f.seek(0)
+    return f
+
+
+def _adopt_tensors(module: torch.jit.ScriptModule, layout: Layout, source: Source) -> None:
+    """Point each named tensor of the module at arena memory on the tensor's own device."""
+    targets = [(entry, _attribute(module, entry)) for entry in layout.tensors]
+    # Plain tensors only: anything rebuilt another way (quantized, subclasses) stays torch's.
+    targets = [(e, t) for e, t in targets if isinstance(t, torch.Tensor) and e.kind == "_rebuild_tensor_v2"]
+    by_device: dict[torch.device, list[str]] = {}
+    for entry, tensor in targets:
+        by_device.setdefault(tensor.device, []).extend(entry.storage_keys)
+    views: dict[str, torch.UntypedStorage] = {}
+    for device, keys in by_device.items():
+        storages = read_storages(source, layout, list(dict.fromkeys(keys)), str(device))
+        views.update({key: storages.get(key, str(device)) for key in dict.fromkeys(keys)})
+    with torch.no_grad():
+        for entry, tensor in targets:
+            tensor.data = _rebuild(entry, views[entry.storage_keys[0]], tensor)
+
+
+def _attribute(module: torch.jit.ScriptModule, entry: TensorEntry) -> Any:
+    obj: Any = module
+    for part in entry.path:
+        obj = getattr(obj, str(part), None)
+    return obj
+
+
+def _rebuild(entry: TensorEntry, storage: torch.UntypedStorage, current: torch.Tensor) -> torch.Tensor:
+    fresh = torch.empty(0, dtype=entry.dtype, device=storage.device)
+    fresh.set_(storage, entry.storage_offset, entry.shape, entry.stride)
+    if fresh.shape != current.shape or fresh.dtype != current.dtype:
+        raise CheckpointError(
+            entry.name, f"archive tensor is {entry.dtype}{list(entry.shape)}, module holds {current.dtype}{list(current.shape)}"
+        )
+    return fresh

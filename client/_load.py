@@ -1,0 +1,279 @@
+"""``ckptd.load`` and ``ckptd.jit_load``: torch.load's contract, storages read straight into arenas."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import _weights_only_unpickler
+
+from ckptd.formats import (
+    CheckpointError,
+    FileLike,
+    Format,
+    Layout,
+    Source,
+    TensorEntry,
+    is_sharded_index,
+    open_source,
+    read_layout,
+    read_sharded_index,
+)
+
+from ._exceptions import UsageError
+from ._placement import MapLocation, target_tag
+from ._select import Select, extract, find, select_entries
+from ._storages import StorageSet, read_storages
+from ._unpickle import unpickle
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+# torch.serialization.UNSAFE_MESSAGE's first sentence, for the errors torch raises with it.
+_UNSAFE = (
+    "In PyTorch 2.6, we changed the default value of the `weights_only` argument in `torch.load` "
+    "from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+    "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a "
+    "trusted source."
+)
+_TRUE = ("1", "y", "yes", "true")
+
+
+def load(
+    f: FileLike,
+    map_location: MapLocation = None,
+    pickle_module: ModuleType | None = None,
+    *,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
+    tensor_name: str | None = None,
+    prefix: str | None = None,
+    select: Select = None,
+    progress: Progress | None = None,
+    **pickle_load_args: Any,
+) -> Any:
+    """Load a checkpoint exactly as :func:`torch.load` would, storages read straight into arenas.
+
+    ``f`` is a path, a binary file-like object or ``bytes``: a torch.save file (zip or
+    legacy), a safetensors file, or a Hugging Face ``*.index.json`` of shards.
+    ``map_location``, ``pickle_module``, ``weights_only``, ``mmap`` and
+    ``pickle_load_args`` mean what they mean to torch.load. ``tensor_name`` returns one
+    tensor, ``select`` (a list of names, or one name start) a dict of them; either reads
+    only the storages they need. ``prefix`` is a module-name component saved names may
+    lack. ``progress`` is called with each chunk's byte count while storages are read.
+
+    >>> import io, torch, ckptd
+    >>> buf = io.BytesIO(); torch.save({"w": torch.ones(2)}, buf)
+    >>> ckptd.load(buf.getvalue())
+    {'w': tensor([1., 1.])}
+    """
+    weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module)
+    if pickle_load_args and weights_only:
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
+    pickle_load_args.setdefault("encoding", "utf-8")
+    if mmap is None:
+        mmap = _default_mmap()
+    if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
+        return _load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix, select, progress, pickle_load_args)
+    with open_source(f) as source:
+        layout = read_layout(source)
+        if layout.format is Format.TORCHSCRIPT:
+            return _torchscript_via_load(f, source, map_location, weights_only)
+        request = _Request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
+        return _load_layout(source, layout, request, tensor_name, prefix, select)
+
+
+class _Request:
+    """The options of one load, resolved once and passed down."""
+
+    def __init__(
+        self,
+        map_location: MapLocation,
+        pickle_module: ModuleType,
+        weights_only: bool,
+        mmap: bool,
+        progress: Progress | None,
+        pickle_load_args: dict[str, Any],
+    ) -> None:
+        self.map_location = map_location
+        self.pickle_module = pickle_module
+        self.weights_only = weights_only
+        self.mmap = mmap
+        self.progress = progress
+        self.pickle_load_args = pickle_load_args
+
+
+def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType | None) -> tuple[bool, ModuleType]:
+    """torch.load's rules: the default, the two ``TORCH_FORCE_*`` variables, the pickle_module check."""
+    not_set = weights_only is None
+    if not_set:
+        weights_only = pickle_module is None
+    force = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE
+    force_no = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE
+    if force and force_no:
+        raise UsageError(
+            "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
+            "should be set, but both were set."
+        )
+    if force:
+        weights_only = True
+    elif force_no and not_set:
+        warnings.warn(
+            "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
+            "`weights_only` argument was not explicitly passed to `torch.load`, forcing weights_only=False.",
+            UserWarning,
+            stacklevel=3,
+        )
+        weights_only = False
+    if weights_only:
+        if pickle_module is not None:
+            raise UsageError("Can not safely load weights when explicit pickle_module is specified")
+        return True, _weights_only_unpickler
+    return False, pickle_module if pickle_module is not None else pickle
+
+
+def _default_mmap() -> bool:
+    from torch.utils.serialization import config
+
+    return bool(config.load.mmap)
+
+
+def _load_layout(
+    source: Source,
+    layout: Layout,
+    request: _Request,
+    tensor_name: str | None,
+    prefix: str | None,
+    select: Select,
+) -> Any:
+    if request.mmap:
+        _check_mmap(source, layout)
+    wanted = _wanted_entries(layout, tensor_name, prefix, select)
+    keys = list(layout.storages) if wanted is None else _keys_of(wanted)
+    if layout.format is Format.SAFETENSORS:
+        _check_safetensors_map_location(request.map_location)
+    storages = read_storages(source, layout, keys, request.map_location, mmap=request.mmap, progress=request.progress)
+    if layout.format is Format.SAFETENSORS:
+        obj: Any = _safetensors_dict(layout, storages)
+    else:
+        obj = unpickle(layout, storages, request.pickle_module, request.weights_only, request.pickle_load_args)
+    if tensor_name is not None:
+        assert wanted is not None
+        return extract(obj, wanted[0])
+    if wanted is not None:
+        return {entry.name: extract(obj, entry) for entry in wanted}
+    return obj
+
+
+def _wanted_entries(layout: Layout, tensor_name: str | None, prefix: str | None, select: Select) -> list[TensorEntry] | None:
+    if tensor_name is not None and select is not None:
+        raise UsageError("pass either tensor_name= or select=, not both")
+    entries = layout.tensor_map()
+    if tensor_name is not None:
+        return [find(entries, tensor_name, prefix, layout.name)]
+    if select is not None:
+        return select_entries(entries, select, prefix, layout.name)
+    return None
+
+
+def _keys_of(entries: list[TensorEntry]) -> list[str]:
+    return list(dict.fromkeys(key for entry in entries for key in entry.storage_keys))
+
+
+def _check_mmap(source: Source, layout: Layout) -> None:
+    if source.path is None:
+        raise UsageError("f must be a file path in order to use the mmap argument")
+    if layout.format is Format.TORCH_LEGACY:
+        raise UsageError(
+            "mmap can only be used with files saved with "
+            f"`torch.save({source.name}, _use_new_zipfile_serialization=True), "
+            "please torch.save your checkpoint with this option in order to use mmap."
+        )
+
+
+def _check_safetensors_map_location(map_location: MapLocation) -> None:
+    """torch.load refuses dict and callable map_locations for safetensors files; so does ckptd."""
+    if isinstance(map_location, Mapping):
+        raise UsageError(
+            "Loading safetensors file with dict map_location is not supported. "
+            "Use a device string or torch.device instead."
+        )
+    if map_location is not None and target_tag(map_location, "cpu") is None:
+        raise UsageError(
+            "Loading safetensors file with callable map_location is not supported. "
+            "Use a device string or torch.device instead."
+        )
+
+
+def _safetensors_dict(layout: Layout, storages: StorageSet) -> dict[str, torch.Tensor]:
+    """What ``safetensors.torch.load_file`` returns: contiguous tensors, each on its own storage."""
+    result: dict[str, torch.Tensor] = {}
+    for entry in layout.tensors:
+        storage = storages.get(entry.storage_keys[0], entry.location)
+        tensor = torch.empty(0, dtype=entry.dtype, device=storage.device)
+        result[entry.name] = tensor.set_(storage, 0, entry.shape, entry.stride)
+    return result
+
+
+def _torchscript_via_load(f: FileLike, source: Source, map_location: MapLocation, weights_only: bool) -> Any:
+    """torch.load hands TorchScript archives to torch.jit.load, with a warning; so does ckptd."""
+    warnings.warn(
+        "'torch.load' received a zip file that looks like a TorchScript archive"
+        " dispatching to 'torch.jit.load' (call 'torch.jit.load' directly to"
+        " silence this warning)",
+        UserWarning,
+        stacklevel=3,
+    )
+    if weights_only:
+        raise UsageError("Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``. " + _UNSAFE)
+    from ._jit import jit_load_source
+
+    return jit_load_source(f, source, map_location, None)
+
+
+def _load_sharded(
+    path: str,
+    map_location: MapLocation,
+    pickle_module: ModuleType,
+    weights_only: bool,
+    tensor_name: str | None,
+    prefix: str | None,
+    select: Select,
+    progress: Progress | None,
+    pickle_load_args: dict[str, Any],
+) -> Any:
+    """A Hugging Face sharded checkpoint, loaded shard by shard into one state dict."""
+    index = read_sharded_index(path)
+    names = list(index.weight_map)
+    entries = {name: _shard_entry(name) for name in names}
+    if tensor_name is not None:
+        names = [find(entries, tensor_name, prefix, index.name).name]
+    elif select is not None:
+        names = [entry.name for entry in select_entries(entries, select, prefix, index.name)]
+    merged: dict[str, Any] = {}
+    request = _Request(map_location, pickle_module, weights_only, False, progress, pickle_load_args)
+    for shard in index.shards:
+        wanted = [name for name in names if os.path.join(index.directory, index.weight_map[name]) == shard]
+        if not wanted:
+            continue
+        with open_source(shard) as source:
+            part = _load_layout(source, read_layout(source), request, None, None, wanted)
+        merged.update(part)
+    missing = [name for name in names if name not in merged]
+    if missing:
+        raise CheckpointError(index.name, f"tensor {missing[0]!r} is listed in the index but not in its shard")
+    result = {name: merged[name] for name in names}
+    return result[names[0]] if tensor_name is not None else result
+
+
+def _shard_entry(name: str) -> TensorEntry:
+    # Only names matter for lookup in an index; the shard's own layout gives the rest.
+    return TensorEntry(name, (name,), (), torch.uint8, (), None, 0, "cpu")

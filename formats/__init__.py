@@ -1,0 +1,87 @@
+"""Checkpoint format readers: where every storage lies, found without running anything.
+
+``ckptd.formats`` depends on the standard library and torch only. Each reader turns a
+:class:`Source` into a :class:`Layout` (storages with file offsets, named tensors, the
+pickle to rebuild from) and checks it whole before anything is allocated.
+
+>>> import io, torch
+>>> buf = io.BytesIO(); torch.save({"w": torch.ones(2, 3)}, buf)
+>>> with open_source(buf.getvalue()) as src:
+...     layout = read_layout(src)
+>>> layout.format.value, layout.tensors[0].shape
+('torch-zip', (2, 3))
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ._errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CkptdError,
+    NotSeekableError,
+    TensorNotFoundError,
+    UnsupportedFormatError,
+)
+from ._layout import Format, Layout, StorageRecord, TensorEntry, validate
+from ._legacy import is_legacy_tar, read_legacy_layout
+from ._safetensors import read_safetensors_layout
+from ._sharded import ShardedIndex, is_sharded_index, read_sharded_index
+from ._source import FileLike, Source, open_source
+from ._zip import is_zip, read_zip_layout
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CkptdError",
+    "FileLike",
+    "Format",
+    "Layout",
+    "NotSeekableError",
+    "ShardedIndex",
+    "Source",
+    "StorageRecord",
+    "TensorEntry",
+    "TensorNotFoundError",
+    "UnsupportedFormatError",
+    "is_sharded_index",
+    "open_source",
+    "read_layout",
+    "read_sharded_index",
+    "sniff",
+    "validate",
+]
+
+_PICKLE_PROTO = 0x80
+
+
+def sniff(source: Source) -> Format:
+    """Tell a file's format from its bytes (never from its name).
+
+    Raises :class:`CheckpointError` for empty files and anything unrecognised.
+    """
+    if source.size == 0:
+        raise CheckpointError(source.name, "file is empty")
+    head = source.read(0, min(source.size, 9))
+    if is_zip(source):
+        return Format.TORCH_ZIP
+    if head[0] == _PICKLE_PROTO or is_legacy_tar(source):
+        return Format.TORCH_LEGACY
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= source.size - 8:
+        return Format.SAFETENSORS
+    raise CheckpointError(
+        source.name,
+        f"not a checkpoint ckptd can read (starts with {head[:8]!r}); expected a torch.save file, "
+        "a TorchScript archive or a safetensors file",
+    )
+
+
+def read_layout(source: Source) -> Layout:
+    """Read any single-file checkpoint's layout (zip, TorchScript, legacy, safetensors)."""
+    fmt = sniff(source)
+    if fmt is Format.TORCH_ZIP:
+        return read_zip_layout(source)
+    if fmt is Format.TORCH_LEGACY:
+        return read_legacy_layout(source)
+    return read_safetensors_layout(source)

@@ -1,0 +1,110 @@
+"""torch.save's legacy format (``_use_new_zipfile_serialization=False``).
+
+The file is a run of pickles: the magic number, the protocol version, system info, the
+object itself, then the list of storage keys, followed by each storage in that order
+as an 8-byte element count and the raw bytes. Scanning the pickles (nothing executed)
+gives every storage's dtype, so the offsets of all storages follow without reading them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ._errors import CheckpointError, UnsupportedFormatError
+from ._layout import Format, Layout, StorageRecord, validate
+from ._pickle_scan import ScanResult, SymList, scan
+from ._source import Source
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+_FIRST_READ = 1 << 20
+
+
+def is_legacy_tar(source: Source) -> bool:
+    """PyTorch < 0.4 wrote tar archives (``ustar`` at byte 257)."""
+    return source.size > 262 and source.read(257, 5) == b"ustar"
+
+
+def read_legacy_layout(source: Source) -> Layout:
+    """Read a legacy (non-zip) torch.save file into a :class:`Layout`.
+
+    >>> import io, torch
+    >>> buf = io.BytesIO(); torch.save({"w": torch.ones(2)}, buf, _use_new_zipfile_serialization=False)
+    >>> from ckptd.formats import open_source
+    >>> read_legacy_layout(open_source(buf.getvalue())).storages["0"].nbytes  # doctest: +SKIP
+    8
+    """
+    if is_legacy_tar(source):
+        raise UnsupportedFormatError(
+            source.name,
+            "legacy tar checkpoint (PyTorch < 0.4); load it once with torch.load and re-save it with torch.save",
+        )
+    head, pickles = _scan_pickles(source)
+    magic, protocol, _sys_info, main, keys = pickles
+    if magic.root != MAGIC_NUMBER:
+        raise CheckpointError(source.name, "invalid magic number: not a torch checkpoint, or corrupt")
+    if protocol.root != PROTOCOL_VERSION:
+        raise CheckpointError(source.name, f"invalid legacy protocol version {protocol.root!r}")
+    storages = _storage_records(source, main, keys, head)
+    layout = Layout(
+        name=source.name,
+        format=Format.TORCH_LEGACY,
+        size=source.size,
+        storages=storages,
+        tensors=tuple(main.tensors),
+        pickle=bytes(head[pickles[2].end : main.end]),
+    )
+    validate(layout)
+    return layout
+
+
+def _scan_pickles(source: Source) -> tuple[bytes, list[ScanResult]]:
+    """Scan the five leading pickles, reading more of the file until they fit."""
+    length = min(source.size, _FIRST_READ)
+    while True:
+        head = source.read(0, length)
+        try:
+            return head, _scan_five(head, source.name)
+        except CheckpointError:
+            if length >= source.size:
+                raise
+            length = min(source.size, length * 4)
+
+
+def _scan_five(head: bytes, name: str) -> list[ScanResult]:
+    results: list[ScanResult] = []
+    start = 0
+    for _ in range(5):
+        result = scan(head, name, start=start)
+        results.append(result)
+        start = result.end
+    return results
+
+
+def _storage_records(source: Source, main: ScanResult, keys: ScanResult, head: bytes) -> dict[str, StorageRecord]:
+    if not isinstance(keys.root, SymList) or not all(isinstance(k, (str, int)) for k in keys.root.items):
+        raise CheckpointError(source.name, "the storage key list is malformed")
+    roots = {ref.key: ref for ref in main.storages.values()}
+    offset = keys.end
+    records: dict[str, StorageRecord] = {}
+    for key in map(str, keys.root.items):
+        ref = roots.get(key)
+        if ref is None:
+            raise CheckpointError(source.name, f"storage {key!r} is listed but never used: corrupt")
+        (numel,) = struct.unpack("<q", _read_exact(source, head, offset, 8))
+        if numel != ref.numel:
+            raise CheckpointError(source.name, f"storage {key!r} holds {numel} elements, its table says {ref.numel}")
+        offset += 8
+        nbytes = numel * ref.dtype.itemsize
+        records[key] = StorageRecord(key, ref.dtype, numel, ref.location, offset, nbytes)
+        offset += nbytes
+    missing = set(roots) - set(records)
+    if missing:
+        raise CheckpointError(source.name, f"storage {sorted(missing)[0]!r} has no data: truncated or corrupt")
+    return records
+
+
+def _read_exact(source: Source, head: bytes, offset: int, n: int) -> bytes:
+    if offset + n <= len(head):
+        return head[offset : offset + n]
+    return source.read(offset, n)

@@ -1,0 +1,34 @@
+"""The device layer: where storages live and how their bytes get there.
+
+An :class:`Arena` is one block of memory per (checkpoint, device): shared memory on the
+CPU, one device allocation elsewhere. :func:`fill` streams file ranges into an arena
+with parallel positional reads. This layer knows nothing of HTTP and touches no device
+until asked to allocate on it.
+
+>>> import torch
+>>> from ckptd.formats import open_source
+>>> arena = allocate(torch.device("cpu"), 3)
+>>> fill(open_source(b"xyz"), arena, [Copy(0, 0, 3)])
+>>> bytes(arena.view(0, 3).tolist())
+b'xyz'
+"""
+
+from __future__ import annotations
+
+from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena
+from ._errors import DeviceError
+from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill
+
+__all__ = [
+    "ALIGNMENT",
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_THREADS",
+    "Arena",
+    "Copy",
+    "DeviceError",
+    "align",
+    "allocate",
+    "chunks",
+    "cpu_arena",
+    "fill",
+]

@@ -1,0 +1,107 @@
+"""Arenas: one block of memory per (checkpoint, device), storages at aligned offsets.
+
+A CPU arena is an anonymous shared-memory file (``memfd``) mapped into this process;
+its descriptor is what another process needs to map the same pages. Arenas on other
+devices (CUDA and any device torch knows) are one device allocation each, filled through
+a host staging buffer. Tensors built on an arena keep it alive; nothing needs freeing by
+hand, but :meth:`Arena.close` drops the descriptor early.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from types import TracebackType
+
+import torch
+
+ALIGNMENT = 64
+
+
+def align(offset: int, alignment: int = ALIGNMENT) -> int:
+    """Round ``offset`` up to a multiple of ``alignment``.
+
+    >>> align(65)
+    128
+    """
+    return (offset + alignment - 1) // alignment * alignment
+
+
+class Arena:
+    """Memory on one device holding storages at offsets; a context manager."""
+
+    def __init__(
+        self, device: torch.device, storage: torch.UntypedStorage, *, host: memoryview | None, fd: int | None
+    ) -> None:
+        self.device = device
+        self.storage = storage
+        self.nbytes = storage.nbytes()
+        self._host = host
+        self._fd = fd
+
+    def view(self, offset: int, nbytes: int) -> torch.UntypedStorage:
+        """The arena's bytes ``[offset, offset + nbytes)`` as a storage that aliases it."""
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"view [{offset}, {offset + nbytes}) outside arena of {self.nbytes} bytes")
+        return self.storage[offset : offset + nbytes]
+
+    @property
+    def host(self) -> memoryview | None:
+        """Writable bytes of the arena when it is host memory, else ``None`` (fill through staging)."""
+        return self._host
+
+    @property
+    def fd(self) -> int | None:
+        """The shared-memory file descriptor of a CPU arena (``None`` once closed or on devices)."""
+        return self._fd
+
+    def close(self) -> None:
+        """Close the shared-memory descriptor; the mapping lives on while tensors use it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._host is not None:
+            self._host.release()
+            self._host = None
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def cpu_arena(nbytes: int, *, name: str = "ckptd-arena") -> Arena:
+    """A shared-memory arena on the CPU.
+
+    >>> with cpu_arena(128) as arena:
+    ...     arena.host[:2] = b"hi"
+    ...     bytes(arena.view(0, 2).tolist())
+    b'hi'
+    """
+    if nbytes == 0:
+        return Arena(torch.device("cpu"), torch.UntypedStorage(0), host=memoryview(bytearray()), fd=None)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        os.close(fd)
+        raise
+    storage = torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
+    return Arena(torch.device("cpu"), storage, host=memoryview(mapping), fd=fd)
+
+
+def device_arena(device: torch.device, nbytes: int) -> Arena:
+    """An arena on a non-CPU device (one allocation through torch), filled via host staging."""
+    storage = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+    return Arena(device, storage, host=None, fd=None)
+
+
+def allocate(device: torch.device, nbytes: int) -> Arena:
+    """An arena of ``nbytes`` on ``device``: shared memory for the CPU, device memory otherwise."""
+    if device.type == "cpu":
+        return cpu_arena(nbytes)
+    return device_arena(device, nbytes)
