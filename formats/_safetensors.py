@@ -109,7 +109,8 @@ def _read_header_size(source: Source) -> int:
     if source.size < _PREFIX:
         raise CheckpointError(
             source.name,
-            f"file has {source.size} bytes, too short for a safetensors header (needs at least {_PREFIX})",
+            f"file has {source.size} bytes, too short for a safetensors header "
+            f"(needs at least {_PREFIX})",
         )
     size = int.from_bytes(source.read(0, _PREFIX), "little")
     if size > source.size - _PREFIX:
@@ -173,7 +174,8 @@ def _check_metadata(name: str, raw: object) -> dict[str, str]:
     for key, value in raw.items():
         if not isinstance(value, str):
             raise CheckpointError(
-                name, f"safetensors {_METADATA_KEY} value for {key!r} is a {_json_type(value)}, not a string"
+                name,
+                f"safetensors {_METADATA_KEY} value for {key!r} is a {_json_type(value)}, not a string",
             )
     return dict(raw)
 
@@ -183,7 +185,9 @@ def _read_entry(
 ) -> tuple[TensorEntry, StorageRecord, int, int]:
     dtype, shape, begin, end = _check_fields(name, tensor, raw)
     if begin > end:
-        raise CheckpointError(name, f"tensor {tensor!r} has data_offsets [{begin}, {end}]: begin after end")
+        raise CheckpointError(
+            name, f"tensor {tensor!r} has data_offsets [{begin}, {end}]: begin after end"
+        )
     if end > data_size:
         raise CheckpointError(
             name,
@@ -198,7 +202,12 @@ def _read_entry(
             f"{numel * dtype.itemsize} bytes but data_offsets [{begin}, {end}] span {end - begin}",
         )
     record = StorageRecord(
-        key=tensor, dtype=dtype, numel=numel, location="cpu", offset=data_start + begin, nbytes=end - begin
+        key=tensor,
+        dtype=dtype,
+        numel=numel,
+        location="cpu",
+        offset=data_start + begin,
+        nbytes=end - begin,
     )
     entry = TensorEntry(
         name=tensor,
@@ -215,7 +224,9 @@ def _read_entry(
 
 def _check_fields(name: str, tensor: str, raw: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     if not isinstance(raw, dict):
-        raise CheckpointError(name, f"safetensors entry {tensor!r} is a {_json_type(raw)}, not an object")
+        raise CheckpointError(
+            name, f"safetensors entry {tensor!r} is a {_json_type(raw)}, not an object"
+        )
     # Unknown extra fields are ignored, as the safetensors library does.
     missing = [field for field in _ENTRY_FIELDS if field not in raw]
     if missing:
@@ -235,7 +246,9 @@ def _check_dtype(name: str, tensor: str, raw: object) -> torch.dtype:
         raise CheckpointError(name, f"tensor {tensor!r} dtype is a {_json_type(raw)}, not a string")
     dtype = SAFETENSORS_DTYPES.get(raw)
     if dtype is None:
-        raise UnsupportedFormatError(name, f"tensor {tensor!r} has unsupported safetensors dtype {raw!r}")
+        raise UnsupportedFormatError(
+            name, f"tensor {tensor!r} has unsupported safetensors dtype {raw!r}"
+        )
     return dtype
 
 
@@ -246,7 +259,8 @@ def _int_list(name: str, tensor: str, field: str, raw: object) -> tuple[int, ...
         # bool is an int subclass in Python, but JSON true is no size.
         if not isinstance(item, int) or isinstance(item, bool):
             raise CheckpointError(
-                name, f"tensor {tensor!r} {field} holds a {_json_type(item)}, not an integer: {raw!r:.200}"
+                name,
+                f"tensor {tensor!r} {field} holds a {_json_type(item)}, not an integer: {raw!r:.200}",
             )
         if item < 0:
             raise CheckpointError(name, f"tensor {tensor!r} {field} holds the negative value {item}")
@@ -275,5 +289,12 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _json_type(value: object) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
+    names = {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)

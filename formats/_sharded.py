@@ -157,7 +157,8 @@ def _check_plain_name(name: str, filename: str) -> None:
     )
     if bad:
         raise CheckpointError(
-            name, f"shard name {filename!r} is not a plain file name in the index's directory: hostile index"
+            name,
+            f"shard name {filename!r} is not a plain file name in the index's directory: hostile index",
         )
 
 

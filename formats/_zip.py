@@ -3,7 +3,7 @@
 The central directory (stdlib :mod:`zipfile`, which handles zip64 and any bytes
 prepended to the archive) lists the records; each record's data starts after its *own*
 local header, whose extra field may differ from the directory's (torch pads it to align
-storages to 64 bytes). Records must be stored uncompressed, as torch writes them. CRCs
+storages to 64 bytes). Pickles and storages are stored uncompressed, as torch writes them. CRCs
 are not checked: torch can save with CRC computation turned off.
 """
 
@@ -13,7 +13,7 @@ import io
 import struct
 import zipfile
 
-from ._errors import CheckpointError, UnsupportedFormatError
+from ._errors import CheckpointError
 from ._layout import Format, Layout, StorageRecord, validate
 from ._pickle_scan import ScanResult, scan
 from ._source import Source
@@ -60,7 +60,7 @@ def is_zip(source: Source) -> bool:
 
 
 def read_records(source: Source) -> dict[str, tuple[int, int]]:
-    """Map each record name to ``(data_offset, size)`` in the file."""
+    """Map each uncompressed record's name to ``(data_offset, size)`` in the file."""
     try:
         with zipfile.ZipFile(_SourceFile(source)) as archive:
             infos = archive.infolist()
@@ -68,11 +68,10 @@ def read_records(source: Source) -> dict[str, tuple[int, int]]:
         raise CheckpointError(source.name, f"corrupt zip directory ({exc})") from exc
     records: dict[str, tuple[int, int]] = {}
     for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise UnsupportedFormatError(
-                source.name, f"record {info.filename!r} is compressed; torch.save writes stored records"
-            )
-        records[info.filename] = (_data_offset(source, info), info.file_size)
+        # TorchScript deflates its code records; those are torch.jit.load's to read. Only
+        # stored records (pickles, storages) are listed; a compressed one is "missing".
+        if info.compress_type == zipfile.ZIP_STORED:
+            records[info.filename] = (_data_offset(source, info), info.file_size)
     return records
 
 

@@ -208,7 +208,10 @@ _BAD_DOCUMENTS: dict[str, tuple[str, str]] = {
     "weight_map_empty": ('{"weight_map": {}}', "empty"),
     "value_not_string": ('{"weight_map": {"w": 3}}', "not a file name"),
     "value_list": ('{"weight_map": {"w": ["a.safetensors"]}}', "not a file name"),
-    "metadata_list": ('{"metadata": [], "weight_map": {"w": "model-00001-of-00002.safetensors"}}', "'metadata'"),
+    "metadata_list": (
+        '{"metadata": [], "weight_map": {"w": "model-00001-of-00002.safetensors"}}',
+        "'metadata'",
+    ),
 }
 
 
