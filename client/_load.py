@@ -141,8 +141,11 @@ def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType |
 
 
 def _default_mmap() -> bool:
-    from torch.utils.serialization import config
-
+    """torch's ``torch.utils.serialization.config.load.mmap`` (False where torch lacks the config)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return False
     return bool(config.load.mmap)
 
 

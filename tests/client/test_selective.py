@@ -40,11 +40,20 @@ def _selective_obj():
     d["half"] = torch.randn(6, generator=g).to(torch.bfloat16)
     d["scalar"] = torch.tensor(2.5)
     d["empty"] = torch.empty(0, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        d["quant"] = torch.quantize_per_tensor(torch.randn(3, 3, generator=g), 0.1, 2, torch.quint8)
     d["epoch"] = 5
     return d
+
+
+def _quantized_obj():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(22))
+        return {
+            "w": torch.ones(2),
+            "quant": torch.quantize_per_tensor(x, 0.1, 2, torch.quint8),
+            "qc": torch.quantize_per_channel(x, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64), torch.tensor([0, 1, 2]), 0, torch.qint8),
+            "v": torch.zeros(3),
+        }
 
 
 # name -> how to reach it in torch.load's full result
@@ -66,8 +75,11 @@ NAMES = {
     "half": lambda o: o["half"],
     "scalar": lambda o: o["scalar"],
     "empty": lambda o: o["empty"],
-    "quant": lambda o: o["quant"],
 }
+
+
+def _expected(full, name):
+    return NAMES[name](full) if name in NAMES else full[name]
 
 
 @pytest.fixture(scope="module", params=["zip", "legacy"])
@@ -111,7 +123,7 @@ def _check_select(full, got: dict, names: list[str]) -> None:
     assert isinstance(got, dict)
     assert sorted(got) == sorted(names), f"selected {sorted(got)}, wanted {sorted(names)}"
     # Same order as ckptd chose, so assert_same also compares sharing between selected views.
-    assert_same({n: NAMES[n](full) for n in got}, got)
+    assert_same({n: _expected(full, n) for n in got}, got)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +131,7 @@ def _check_select(full, got: dict, names: list[str]) -> None:
     [
         ["layers.2.q.weight"],
         ["shared.a", "shared.b", "shared.c"],
-        ["shared.b", "model.sub.b", "state.1.exp_avg", "groups.0", "quant"],
+        ["shared.b", "model.sub.b", "state.1.exp_avg", "groups.0", "param"],
         ["layers.1.q.bias", "layers.0.q.weight"],
         list(NAMES),
     ],
@@ -177,6 +189,26 @@ def test_prefix_with_select(ckptd_mod, ckpt):
     assert len(got) == 1
     (value,) = got.values()
     assert_same(full["layers.1.q.bias"], value)
+
+
+@pytest.mark.parametrize("variant", ["zip", "legacy"])
+@pytest.mark.parametrize(
+    "request_",
+    [{"tensor_name": "w"}, {"tensor_name": "quant"}, {"tensor_name": "qc"}, {"select": ["quant", "v"]}, {"select": "q"}],
+    ids=["plain-beside-quantized", "quantized", "per-channel", "select-list", "select-start"],
+)
+def test_selective_with_quantized_entries(ckptd_mod, tmp_path, variant, request_):
+    path = tmp_path / "q.pt"
+    path.write_bytes(save_bytes(_quantized_obj(), variant))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = torch.load(path)
+    got = _load(ckptd_mod, path, **request_)
+    if "tensor_name" in request_:
+        assert_same(full[request_["tensor_name"]], got)
+    else:
+        assert_same({k: full[k] for k in got}, got)
+        assert sorted(got) == sorted(["quant", "v"] if isinstance(request_["select"], list) else ["quant", "qc"])
 
 
 def test_missing_name_lists_near_matches(ckptd_mod, ckpt):

@@ -1,0 +1,501 @@
+"""read_layout on torch.save zip files and TorchScript archives, checked against torch.load.
+
+Every storage offset is verified by reading ``nbytes`` at ``StorageRecord.offset`` with a
+plain file read and comparing with the bytes of the storage torch.load gives back.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckptd.formats import CheckpointError, Format, Layout, open_source, read_layout, sniff
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _storage_bytes(tensor: torch.Tensor) -> bytes:
+    storage = tensor.untyped_storage()
+    return bytes(storage.tolist()) if storage.nbytes() else b""
+
+
+def _save(obj: Any, path: Path, **kwargs: Any) -> Path:
+    torch.save(obj, path, **kwargs)
+    return path
+
+
+def _layout(path: Path) -> Layout:
+    with open_source(str(path)) as source:
+        return read_layout(source)
+
+
+def _file_read(path: Path, offset: int, nbytes: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(nbytes)
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Named tensors of a loaded object as ckptd names them (dotted keys, ints in decimal)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _flatten(value, f"{prefix}.{index}" if prefix else str(index))
+
+
+def _assert_matches_torch(path: Path, layout: Layout, loaded: Any) -> None:
+    """Names, shapes, strides, offsets, dtypes of the layout equal torch.load's; storage bytes equal."""
+    expected = dict(_flatten(loaded))
+    got = layout.tensor_map()
+    assert sorted(got) == sorted(expected)
+    assert len(layout.tensors) == len(expected)
+    for name, tensor in expected.items():
+        entry = got[name]
+        assert entry.dtype == tensor.dtype, name
+        assert entry.shape == tuple(tensor.shape), name
+        assert entry.stride == tuple(tensor.stride()), name
+        assert entry.storage_offset == tensor.storage_offset(), name
+        assert entry.location == "cpu", name
+        assert len(entry.storage_keys) == 1, name
+        record = layout.storages[entry.storage_keys[0]]
+        storage = tensor.untyped_storage()
+        assert record.nbytes == storage.nbytes(), name
+        assert record.numel * record.dtype.itemsize == record.nbytes
+        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(tensor), name
+
+
+def _rebuild(
+    raw: bytes,
+    *,
+    top: str | None = None,
+    force_zip64: bool = False,
+    transform: Callable[[str, bytes], bytes] | None = None,
+) -> bytes:
+    """Rewrite a torch zip with Python's zipfile (stored records), optionally renaming the top dir."""
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            old_top, rest = info.filename.split("/", 1)
+            data = zin.read(info)
+            if transform is not None:
+                data = transform(rest, data)
+            with zout.open(f"{top or old_top}/{rest}", "w", force_zip64=force_zip64) as f:
+                f.write(data)
+    return out.getvalue()
+
+
+def _full_zip64(records: list[tuple[str, bytes]]) -> bytes:
+    """A stored zip where *every* size/offset field goes through zip64 (local, central, end records).
+
+    Python's zipfile only writes zip64 central entries and end records past 4 GiB; this
+    writer forces them all so the reader's zip64 path is exercised on a small file.
+    """
+    out = bytearray()
+    central = bytearray()
+    for name, data in records:
+        encoded = name.encode()
+        crc = zlib.crc32(data)
+        offset = len(out)
+        local_extra = struct.pack("<HHQQ", 1, 16, len(data), len(data))
+        out += struct.pack(
+            "<4sHHHHHIIIHH", b"PK\x03\x04", 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF,
+            len(encoded), len(local_extra),
+        )
+        out += encoded + local_extra + data
+        central_extra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
+        central += struct.pack(
+            "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF,
+            len(encoded), len(central_extra), 0, 0, 0, 0, 0xFFFFFFFF,
+        )
+        central += encoded + central_extra
+    cd_offset = len(out)
+    out += central
+    eocd64_offset = len(out)
+    n = len(records)
+    out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, len(central), cd_offset)
+    out += struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64_offset, 1)
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return bytes(out)
+
+
+def _records_of(raw: bytes, top: str | None = None) -> list[tuple[str, bytes]]:
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    result = []
+    for info in zin.infolist():
+        old_top, rest = info.filename.split("/", 1)
+        result.append((f"{top or old_top}/{rest}", zin.read(info)))
+    return result
+
+
+@contextlib.contextmanager
+def _location_tags(tags: dict[int, str]) -> Iterator[None]:
+    """Make torch.save tag the storages at the given data pointers with the given locations."""
+    registry = torch.serialization._package_registry
+    saved = list(registry)
+
+    def tagger(storage: Any) -> str | None:
+        return tags.get(storage.data_ptr())
+
+    registry.insert(0, (0, tagger, lambda storage, location: None))
+    try:
+        yield
+    finally:
+        registry[:] = saved
+
+
+def _sample() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=gen)
+    return {
+        "w": base,
+        "t": base.t(),  # shares base's storage, transposed strides
+        "row": base[2],  # storage offset 12
+        "col": base[:, 1],  # stride (6,)
+        "nested": {"a": torch.arange(7, dtype=torch.int64), "list": [torch.ones(2, 2), torch.zeros(0)]},
+        "scalar": torch.tensor(2.5),
+        "half": torch.randn(3, generator=gen).half(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# plain torch.save zips
+# ---------------------------------------------------------------------------------------
+
+
+def test_offsets_names_strides_match_torch_load(tmp_path: Path) -> None:
+    path = _save(_sample(), tmp_path / "sample.pt")
+    layout = _layout(path)
+    assert layout.format is Format.TORCH_ZIP
+    assert layout.name == str(path)
+    assert layout.size == path.stat().st_size
+    assert layout.byteorder == "little"
+    assert layout.prefix == "sample"
+    loaded = torch.load(path, weights_only=True)
+    _assert_matches_torch(path, layout, loaded)
+    # four views of one tensor: one storage, not four
+    entries = layout.tensor_map()
+    assert len({entries[n].storage_keys for n in ("w", "t", "row", "col")}) == 1
+    assert entries["t"].stride == (1, 6)
+    assert entries["row"].storage_offset == 12
+    # every storage the file holds appears once
+    assert len(layout.storages) == len({e.storage_keys[0] for e in layout.tensors})
+
+
+def test_every_storage_record_read_back_equals_torch_storage(tmp_path: Path) -> None:
+    obj = {f"t{i}": torch.arange(i * 10, dtype=torch.float32) + i for i in range(1, 9)}
+    path = _save(obj, tmp_path / "many.pt")
+    layout = _layout(path)
+    loaded = torch.load(path, weights_only=True)
+    assert len(layout.storages) == 8
+    by_key = {layout.tensor_map()[name].storage_keys[0]: tensor for name, tensor in loaded.items()}
+    for key, record in layout.storages.items():
+        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(by_key[key])
+    # distinct, non-overlapping spans
+    spans = sorted((r.offset, r.offset + r.nbytes) for r in layout.storages.values())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+_DTYPE_TENSORS: dict[str, Callable[[], torch.Tensor]] = {
+    "float64": lambda: torch.linspace(-2, 2, 5, dtype=torch.float64),
+    "float32": lambda: torch.linspace(-2, 2, 6),
+    "float16": lambda: torch.linspace(-2, 2, 7).half(),
+    "bfloat16": lambda: torch.linspace(-2, 2, 8).bfloat16(),
+    "int64": lambda: torch.arange(-3, 4, dtype=torch.int64),
+    "int32": lambda: torch.arange(-4, 4, dtype=torch.int32),
+    "int16": lambda: torch.arange(-5, 5, dtype=torch.int16),
+    "int8": lambda: torch.arange(-6, 5, dtype=torch.int8),
+    "uint8": lambda: torch.arange(0, 250, 17, dtype=torch.uint8),
+    "bool": lambda: torch.tensor([True, False, True, True]),
+    "complex64": lambda: torch.complex(torch.arange(3.0), -torch.arange(3.0)),
+    "complex128": lambda: torch.complex(torch.arange(3.0), torch.ones(3)).to(torch.complex128),
+    "complex32": lambda: torch.complex(torch.arange(2.0), torch.ones(2)).to(torch.complex32),
+    "float8_e4m3fn": lambda: torch.linspace(-2, 2, 9).to(torch.float8_e4m3fn),
+    "float8_e5m2": lambda: torch.linspace(-2, 2, 9).to(torch.float8_e5m2),
+    "uint16": lambda: torch.arange(0, 6, dtype=torch.int32).to(torch.uint16),
+    "uint32": lambda: torch.arange(0, 6, dtype=torch.int64).to(torch.uint32),
+    "uint64": lambda: torch.arange(0, 6, dtype=torch.int64).to(torch.uint64),
+}
+
+
+@pytest.mark.parametrize("dtype_name", sorted(_DTYPE_TENSORS))
+def test_dtype(tmp_path: Path, dtype_name: str) -> None:
+    tensor = _DTYPE_TENSORS[dtype_name]()
+    assert str(tensor.dtype) == f"torch.{dtype_name}"
+    path = _save({"x": tensor, "pad": torch.ones(1)}, tmp_path / f"{dtype_name}.pt")
+    layout = _layout(path)
+    entry = layout.tensor_map()["x"]
+    assert entry.dtype == tensor.dtype
+    record = layout.storages[entry.storage_keys[0]]
+    assert record.dtype == tensor.dtype
+    assert record.numel == tensor.numel()
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["x"].dtype == tensor.dtype
+    _assert_matches_torch(path, layout, loaded)
+
+
+def test_all_dtypes_in_one_file(tmp_path: Path) -> None:
+    obj = {name: make() for name, make in _DTYPE_TENSORS.items()}
+    path = _save(obj, tmp_path / "all.pt")
+    layout = _layout(path)
+    assert {name: e.dtype for name, e in layout.tensor_map().items()} == {n: t.dtype for n, t in obj.items()}
+    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+
+
+def test_location_tags_match_what_torch_load_sees(tmp_path: Path) -> None:
+    a, b, c = torch.arange(3.0), torch.arange(5.0), torch.arange(4, dtype=torch.int16)
+    with _location_tags({a.data_ptr(): "cuda:1", b.data_ptr(): "cuda:0"}):
+        path = _save({"a": a, "b": b, "c": c}, tmp_path / "tags.pt")
+    seen: list[str] = []
+
+    def record(storage: Any, location: str) -> Any:
+        seen.append(location)
+        return storage
+
+    loaded = torch.load(path, map_location=record, weights_only=True)
+    assert sorted(seen) == ["cpu", "cuda:0", "cuda:1"]
+    layout = _layout(path)
+    entries = layout.tensor_map()
+    assert entries["a"].location == "cuda:1"
+    assert entries["b"].location == "cuda:0"
+    assert entries["c"].location == "cpu"
+    assert sorted(r.location for r in layout.storages.values()) == sorted(seen)
+    for name in "abc":
+        record_ = layout.storages[entries[name].storage_keys[0]]
+        assert record_.location == entries[name].location
+        assert _file_read(path, record_.offset, record_.nbytes) == _storage_bytes(loaded[name])
+
+
+def test_crc32_disabled(tmp_path: Path) -> None:
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = _save(_sample(), tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    assert torch.serialization.get_crc32_options() == previous
+    # torch wrote zero CRCs: the archive really is one a CRC-checking reader would refuse
+    crcs = [info.CRC for info in zipfile.ZipFile(path).infolist() if "/data/" in info.filename]
+    assert crcs and all(crc == 0 for crc in crcs)
+    layout = _layout(path)
+    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+
+
+def test_prefixed_archive(tmp_path: Path) -> None:
+    plain = _save(_sample(), tmp_path / "plain.pt")
+    prefix = b"#!junk\n" * 100
+    path = tmp_path / "prefixed.pt"
+    path.write_bytes(prefix + plain.read_bytes())
+    # torch.load looks for the zip magic at byte 0: it does not read a prefixed archive.
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=False)
+    # ckptd finds the directory from the end; every offset accounts for the prefix.
+    plain_layout = _layout(plain)
+    layout = _layout(path)
+    assert layout.format is Format.TORCH_ZIP
+    assert layout.size == plain_layout.size + len(prefix)
+    assert set(layout.storages) == set(plain_layout.storages)
+    for key, record in layout.storages.items():
+        assert record.offset == plain_layout.storages[key].offset + len(prefix)
+        assert record.nbytes == plain_layout.storages[key].nbytes
+    for name, (offset, size) in plain_layout.records.items():
+        assert layout.records[name] == (offset + len(prefix), size)
+    _assert_matches_torch(path, layout, torch.load(plain, weights_only=True))
+
+
+def test_zip64_local_headers_from_python_zipfile(tmp_path: Path) -> None:
+    raw = _save(_sample(), tmp_path / "orig.pt").read_bytes()
+    path = tmp_path / "zip64.pt"
+    path.write_bytes(_rebuild(raw, force_zip64=True))
+    # the local headers carry a zip64 extra field the central directory does not
+    with zipfile.ZipFile(path) as archive:
+        info = archive.infolist()[0]
+    header = _file_read(path, info.header_offset, 30)
+    assert struct.unpack("<H", header[28:30])[0] >= 20
+    loaded = torch.load(path, weights_only=True)
+    layout = _layout(path)
+    _assert_matches_torch(path, layout, loaded)
+
+
+def test_zip64_everywhere(tmp_path: Path) -> None:
+    raw = _save(_sample(), tmp_path / "orig.pt").read_bytes()
+    path = tmp_path / "full64.pt"
+    path.write_bytes(_full_zip64(_records_of(raw)))
+    with zipfile.ZipFile(path) as archive:  # a valid archive for Python's reader
+        assert archive.testzip() is None
+    assert _file_read(path, path.stat().st_size - 22, 4) == b"PK\x05\x06"
+    assert b"PK\x06\x06" in path.read_bytes()
+    loaded = torch.load(path, weights_only=True)
+    layout = _layout(path)
+    assert layout.format is Format.TORCH_ZIP
+    _assert_matches_torch(path, layout, loaded)
+
+
+@pytest.mark.parametrize("top", ["x", "some dir with spaces", "überarchiv", "archive.pt", "a" * 200])
+def test_archive_top_dir_name_is_anything(tmp_path: Path, top: str) -> None:
+    raw = _save(_sample(), tmp_path / "orig.pt").read_bytes()
+    path = tmp_path / "renamed.pt"
+    path.write_bytes(_rebuild(raw, top=top))
+    loaded = torch.load(path, weights_only=True)
+    layout = _layout(path)
+    assert layout.prefix == top
+    assert f"{top}/data.pkl" in layout.records
+    _assert_matches_torch(path, layout, loaded)
+
+
+def test_byteorder_big_reported(tmp_path: Path) -> None:
+    raw = _save({"x": torch.arange(4, dtype=torch.int32)}, tmp_path / "orig.pt").read_bytes()
+    little = _layout(tmp_path / "orig.pt")
+    assert little.byteorder == "little"
+
+    def swap(name: str, data: bytes) -> bytes:
+        if name == "byteorder":
+            assert data == b"little"
+            return b"big"
+        if name.startswith("data/"):
+            return _swap32(data)
+        return data
+
+    path = tmp_path / "big.pt"
+    path.write_bytes(_rebuild(raw, transform=swap))
+    # torch reads the big-endian file back to the same values
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(4, dtype=torch.int32))
+    layout = _layout(path)
+    assert layout.byteorder == "big"
+    record = layout.storages[layout.tensor_map()["x"].storage_keys[0]]
+    assert _file_read(path, record.offset, record.nbytes) == struct.pack(">4i", 0, 1, 2, 3)
+
+
+def _swap32(data: bytes) -> bytes:
+    return b"".join(data[i : i + 4][::-1] for i in range(0, len(data), 4))
+
+
+def test_missing_byteorder_record_means_little(tmp_path: Path) -> None:
+    raw = _save({"x": torch.ones(2)}, tmp_path / "orig.pt").read_bytes()
+    records = [(n, d) for n, d in _records_of(raw) if not n.endswith("/byteorder")]
+    path = tmp_path / "nobo.pt"
+    path.write_bytes(_full_zip64(records))
+    assert _layout(path).byteorder == "little"
+
+
+def test_bad_byteorder_record_is_checkpoint_error(tmp_path: Path) -> None:
+    raw = _save({"x": torch.ones(2)}, tmp_path / "orig.pt").read_bytes()
+    path = tmp_path / "badbo.pt"
+    path.write_bytes(_rebuild(raw, transform=lambda n, d: b"middle" if n == "byteorder" else d))
+    with pytest.raises(CheckpointError, match="badbo.pt"):
+        _layout(path)
+
+
+def test_storage_record_shorter_than_table_is_checkpoint_error(tmp_path: Path) -> None:
+    raw = _save({"x": torch.ones(8)}, tmp_path / "orig.pt").read_bytes()
+    path = tmp_path / "short.pt"
+    path.write_bytes(_rebuild(raw, transform=lambda n, d: d[:5] if n.startswith("data/") else d))
+    with pytest.raises(CheckpointError, match="short.pt"):
+        _layout(path)
+
+
+def test_missing_storage_record_is_checkpoint_error(tmp_path: Path) -> None:
+    raw = _save({"x": torch.ones(8)}, tmp_path / "orig.pt").read_bytes()
+    records = [(n, d) for n, d in _records_of(raw) if "/data/" not in n]
+    path = tmp_path / "nodata.pt"
+    path.write_bytes(_full_zip64(records))
+    with pytest.raises(CheckpointError, match="nodata.pt"):
+        _layout(path)
+
+
+@pytest.mark.parametrize("cut", [0.25, 0.5, 0.9, 0.999])
+def test_truncated_zip_is_checkpoint_error(tmp_path: Path, cut: float) -> None:
+    raw = _save(_sample(), tmp_path / "orig.pt").read_bytes()
+    path = tmp_path / "trunc.pt"
+    path.write_bytes(raw[: int(len(raw) * cut)])
+    with pytest.raises(CheckpointError, match="trunc.pt"):
+        with open_source(str(path)) as source:
+            read_layout(source)
+
+
+def test_input_forms_agree(tmp_path: Path) -> None:
+    path = _save(_sample(), tmp_path / "forms.pt")
+    raw = path.read_bytes()
+    by_path = _layout(path)
+    with open_source(raw) as source:
+        by_bytes = read_layout(source)
+    with open(path, "rb") as f, open_source(f) as source:
+        by_file = read_layout(source)
+    with open_source(io.BytesIO(raw)) as source:
+        by_bytesio = read_layout(source)
+    for other in (by_bytes, by_file, by_bytesio):
+        assert other.storages == by_path.storages
+        assert other.tensors == by_path.tensors
+
+
+# ---------------------------------------------------------------------------------------
+# TorchScript
+# ---------------------------------------------------------------------------------------
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class _Scripted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(3, 2)
+        self.shared = _Inner()
+        self.alias = self.shared  # one submodule under two attribute names
+        self.register_buffer("steps", torch.tensor([7], dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x) + self.shared(x) + self.alias(x)
+
+
+def test_torchscript_archive(tmp_path: Path) -> None:
+    module = torch.jit.script(_Scripted())
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(module, str(path))
+    with open_source(str(path)) as source:
+        assert sniff(source) is Format.TORCH_ZIP  # the container; read_layout tells TorchScript apart
+        layout = read_layout(source)
+    assert layout.format is Format.TORCHSCRIPT
+    reloaded = torch.jit.load(str(path))
+    expected = dict(reloaded.state_dict())
+    assert {"l.weight", "l.bias", "shared.weight", "alias.weight", "steps"} <= set(expected)
+    entries = layout.tensor_map()
+    assert set(entries) == set(expected)
+    assert entries["shared.weight"].storage_keys == entries["alias.weight"].storage_keys
+    assert entries["l.weight"].shape == (2, 3)
+    assert entries["l.bias"].shape == (2,)
+    assert entries["steps"].dtype == torch.int64
+    for name, tensor in expected.items():
+        entry = entries[name]
+        assert entry.dtype == tensor.dtype, name
+        assert entry.shape == tuple(tensor.shape), name
+        assert entry.stride == tuple(tensor.stride()), name
+        record = layout.storages[entry.storage_keys[0]]
+        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(tensor), name
+    # the shared submodule's weight is stored once
+    assert len(layout.storages) == len({e.storage_keys for e in layout.tensors})
+    assert collections.Counter(e.storage_keys for e in layout.tensors).most_common(1)[0][1] == 2
