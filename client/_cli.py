@@ -193,8 +193,8 @@ def bytes_to_read(layout: Layout, select: Sequence[str] | None) -> int:
 
 
 def _want_progress(args: argparse.Namespace, nbytes: int) -> bool:
-    if args.quiet or args.progress is False:
-        return False
+    if args.quiet or args.progress is False or args.mmap:
+        return False  # with mmap no storage is read, so there is nothing to show
     if args.progress:
         return True
     return nbytes > PROGRESS_THRESHOLD and sys.stderr.isatty()
@@ -270,7 +270,7 @@ def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
 
 def _render_load(summary: dict[str, Any]) -> str:
     return (
-        f"loaded {summary['file']}: {summary['tensors']} tensors, "
+        f"loaded {summary['file']}: {summary['tensors']} tensor{'' if summary['tensors'] == 1 else 's'}, "
         f"{summary['bytes']} bytes ({human_bytes(summary['bytes'])}) "
         f"in {summary['seconds']:.3f} s ({summary['gb_per_s']:.2f} GB/s)"
     )
@@ -311,7 +311,8 @@ def _add_load(commands: Any) -> None:
     )
     sub.add_argument("--weights-only", action=argparse.BooleanOptionalAction, default=None,
                      help="restricted unpickler (default: torch.load's default)")
-    sub.add_argument("--mmap", action="store_true", default=None, help="memory-map the file's storages")
+    sub.add_argument("--mmap", action="store_true", default=None,
+                     help="memory-map the file's storages (no progress bar: nothing is read)")
     sub.add_argument("--select", nargs="+", metavar="NAME", help="load only these named tensors")
     sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help=f"force the progress bar on/off (default: on for > {human_bytes(PROGRESS_THRESHOLD)} on a TTY)")

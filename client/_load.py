@@ -79,15 +79,14 @@ def load(
     if pickle_load_args and weights_only:
         warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
     pickle_load_args.setdefault("encoding", "utf-8")
-    if mmap is None:
-        mmap = _default_mmap()
+    mmap = _default_mmap() if mmap is None else mmap
+    request = _Request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
-        return _load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix, select, progress, pickle_load_args)
+        return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)
     with open_source(f) as source:
         layout = read_layout(source)
         if layout.format is Format.TORCHSCRIPT:
             return _torchscript_via_load(f, source, map_location, weights_only)
-        request = _Request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
         return _load_layout(source, layout, request, tensor_name, prefix, select)
 
 
@@ -242,17 +241,7 @@ def _torchscript_via_load(f: FileLike, source: Source, map_location: MapLocation
     return jit_load_source(f, source, map_location, None)
 
 
-def _load_sharded(
-    path: str,
-    map_location: MapLocation,
-    pickle_module: ModuleType,
-    weights_only: bool,
-    tensor_name: str | None,
-    prefix: str | None,
-    select: Select,
-    progress: Progress | None,
-    pickle_load_args: dict[str, Any],
-) -> Any:
+def _load_sharded(path: str, request: _Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
     """A Hugging Face sharded checkpoint, loaded shard by shard into one state dict."""
     index = read_sharded_index(path)
     names = list(index.weight_map)
@@ -261,18 +250,13 @@ def _load_sharded(
         names = [find(entries, tensor_name, prefix, index.name).name]
     elif select is not None:
         names = [entry.name for entry in select_entries(entries, select, prefix, index.name)]
+    shard_of = {name: os.path.join(index.directory, index.weight_map[name]) for name in names}
     merged: dict[str, Any] = {}
-    request = _Request(map_location, pickle_module, weights_only, False, progress, pickle_load_args)
     for shard in index.shards:
-        wanted = [name for name in names if os.path.join(index.directory, index.weight_map[name]) == shard]
-        if not wanted:
-            continue
-        with open_source(shard) as source:
-            part = _load_layout(source, read_layout(source), request, None, None, wanted)
-        merged.update(part)
-    missing = [name for name in names if name not in merged]
-    if missing:
-        raise CheckpointError(index.name, f"tensor {missing[0]!r} is listed in the index but not in its shard")
+        wanted = [name for name in names if shard_of[name] == shard]
+        if wanted:
+            with open_source(shard) as source:
+                merged.update(_load_layout(source, read_layout(source), request, None, None, wanted))
     result = {name: merged[name] for name in names}
     return result[names[0]] if tensor_name is not None else result
 

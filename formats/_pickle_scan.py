@@ -488,14 +488,28 @@ def _tensor_entry(
         ref = storages.get(_pid_key(base.args[0]))
         if ref is not None:
             offset, shape, stride = base.args[1], base.args[2], base.args[3]
+            dtype = _v3_dtype(base) or ref.dtype
             if _ints(shape) and _ints(stride) and isinstance(offset, int):
-                return TensorEntry(
-                    name, path, keys, ref.dtype, tuple(shape), tuple(stride), offset, ref.location, call.func.name
-                )
+                return TensorEntry(name, path, keys, dtype, tuple(shape), tuple(stride), offset, ref.location, call.func.name)
     if not keys:
         return None
     ref = storages[keys[0]]
     return TensorEntry(name, path, keys, ref.dtype, (ref.numel,), None, 0, ref.location, call.func.name)
+
+
+def _v3_dtype(call: Call) -> torch.dtype | None:
+    """``_rebuild_tensor_v3`` (float8, uint16+, ...) names the dtype as a global such as ``torch.float8_e5m2``.
+
+    The name is looked up among torch's dtypes; nothing is imported.
+    """
+    if call.func.name != "_rebuild_tensor_v3" or len(call.args) < 7:
+        return None
+    named = call.args[6]
+    if isinstance(named, Global) and named.module == "torch":
+        found = getattr(torch, named.name, None)
+        if isinstance(found, torch.dtype):
+            return found
+    return None
 
 
 def _ints(value: Any) -> bool:
@@ -514,7 +528,7 @@ def _find_rebuild_v2(call: Call) -> Call | None:
         if isinstance(obj, Call):
             if (
                 isinstance(obj.func, Global)
-                and obj.func.name in ("_rebuild_tensor_v2", "_rebuild_tensor", "_rebuild_qtensor")
+                and obj.func.name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_tensor", "_rebuild_qtensor")
                 and isinstance(obj.args, tuple)
                 and len(obj.args) >= 4
                 and isinstance(obj.args[0], PersistentId)

