@@ -8,6 +8,7 @@ views into those arenas, applying a callable ``map_location`` once per storage.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -23,6 +24,12 @@ from ._placement import MapLocation, apply_callable, device_for_tag, restore, ta
 
 logger = logging.getLogger(__name__)
 
+# Rebuild functions that accept a meta storage in place of a skipped one; quantized and other
+# exotic tensors get an unwritten CPU storage (big allocations are mapped lazily: no cost).
+_META_SAFE = frozenset(
+    "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter "
+    "_rebuild_parameter_with_state _rebuild_from_type_v2".split()
+)
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
 
@@ -37,6 +44,13 @@ class StorageSet:
     views: dict[str, torch.UntypedStorage] = field(default_factory=dict)
     arenas: list[Arena] = field(default_factory=list)
 
+    @functools.cached_property
+    def _meta_safe(self) -> frozenset[str]:
+        """Keys whose every user rebuilds fine around a meta storage (skipped ones cost nothing)."""
+        unsafe = {key for entry in self.layout.tensors if entry.kind not in _META_SAFE for key in entry.storage_keys}
+        named = {key for entry in self.layout.tensors for key in entry.storage_keys}
+        return frozenset(named - unsafe)
+
     def get(self, key: str, location: str) -> torch.UntypedStorage:
         """The final storage for ``key`` (saved at ``location``), as torch's restore would give it.
 
@@ -45,7 +59,8 @@ class StorageSet:
         """
         record = self.layout.storages[key]
         if key not in self.wanted:
-            return torch.UntypedStorage(record.nbytes, device=_META)
+            device = _META if key in self._meta_safe else _CPU
+            return torch.UntypedStorage(record.nbytes, device=device)
         view = self.views.get(key)
         if view is None:  # nothing was read: an empty storage, or a meta target
             view = torch.UntypedStorage(record.nbytes, device=_META if record.nbytes else _CPU)

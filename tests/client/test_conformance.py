@@ -449,3 +449,70 @@ def test_assert_same_is_strict():
     # the self-comparison passes
     assert not _fails(CORPUS["views_and_ties"].build(), CORPUS["views_and_ties"].build())
     assert not _fails(CORPUS["quantized"].build(), CORPUS["quantized"].build())
+
+
+# ---------------------------------------------------------------------------------------
+# Less common ways torch.save writes a file
+# ---------------------------------------------------------------------------------------
+
+SAVE_OPTIONS = {
+    "no_byteorder_record": {"_disable_byteorder_record": True},
+    "protocol4": {"pickle_protocol": 4},
+    "protocol5": {"pickle_protocol": 5},
+    "legacy_protocol4": {"pickle_protocol": 4, "_use_new_zipfile_serialization": False},
+    "alignment4096": {},
+    "alignment1": {},
+}
+
+
+@pytest.mark.parametrize("option", list(SAVE_OPTIONS))
+@pytest.mark.parametrize("name", ["views_and_ties", "all_dtypes", "quantized", "adam_state"])
+def test_save_options(tmp_path, name, option):
+    from torch.utils.serialization import config
+
+    if name == "all_dtypes" and option.startswith("legacy"):
+        pytest.skip("torch's legacy format cannot load the newer dtypes")
+    path = tmp_path / f"{name}.{option}.pt"
+    previous = config.save.storage_alignment
+    if option.startswith("alignment"):
+        config.save.storage_alignment = int(option[len("alignment"):])
+    try:
+        torch.save(CORPUS[name].build(), path, **SAVE_OPTIONS[option])
+    finally:
+        config.save.storage_alignment = previous
+    # torch's weights-only unpickler rejects protocol 4+ (FRAME): ckptd must fail the same way.
+    t, c = load_both(path, "str", weights_only=True)
+    assert_conform(t, c, same_message=False)  # ckptd's weights-only message names the file
+    weights_only = t.exc is None
+    if not weights_only:
+        assert "protocol" in option and isinstance(c.exc, pickle.UnpicklingError)
+    for form in ("str", "bytes"):
+        t, c = load_both(path, form, weights_only=weights_only)
+        assert t.exc is None, t.exc
+        assert_conform(t, c)
+    t, c, trec, crec = load_both(path, "file", weights_only=weights_only, map_location_factory=LocationRecorder)
+    assert_conform(t, c)
+    _check_recorders("legacy" if option.startswith("legacy") else "zip", trec, crec)
+
+
+@pytest.mark.parametrize("variant", ["zip", "zip_big"])
+@pytest.mark.parametrize("ml", ["recorder", "str_cpu", "lambda_identity"])
+def test_mmap_with_map_location(saved, variant, ml):
+    t, c, trec, crec = load_both(saved("views_and_ties", variant), "str", mmap=True, map_location_factory=MAP_LOCATIONS[ml])
+    assert_conform(t, c)
+    _check_recorders(variant, trec, crec)
+
+
+def test_safetensors_path(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.ones(2, dtype=torch.bfloat16)}, str(path))
+    for ml in (None, "cpu", torch.device("cpu")):
+        t, c = load_both(path, "str", map_location=ml)
+        assert t.exc is None, t.exc
+        assert_conform(t, c)
+    for ml in ({"cpu": "cpu"}, lambda s, loc: s):
+        t, c = load_both(path, "str", map_location=ml)
+        assert isinstance(t.exc, RuntimeError)
+        assert_conform(t, c)

@@ -217,19 +217,18 @@ def test_input_forms_agree(tmp_path: Path) -> None:
 
 
 def test_large_pickle_beyond_first_read(tmp_path: Path) -> None:
-    # a main pickle larger than the reader's first 1 MiB read
-    obj = {f"name_{i:06d}_{'x' * 40}": torch.tensor([float(i)]) for i in range(20_000)}
+    # a main pickle larger than the reader's first 1 MiB read, storages after it
+    obj = {"a": torch.arange(5.0), "notes": "x" * (3 << 20), "b": torch.arange(3, dtype=torch.int64)}
     path = _save(obj, tmp_path / "bigpickle.pt")
     layout = _layout(path)
-    assert len(layout.tensors) == 20_000
-    loaded = torch.load(path, weights_only=True)
-    for name in ("name_000000_" + "x" * 40, "name_019999_" + "x" * 40):
-        record = layout.storages[layout.tensor_map()[name].storage_keys[0]]
-        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(loaded[name])
+    assert min(r.offset for r in layout.storages.values()) > 3 << 20
+    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
 
 
 def test_truncated_at_every_point_is_checkpoint_error(tmp_path: Path) -> None:
-    raw = _save(_sample(), tmp_path / "whole.pt").read_bytes()
+    base = torch.arange(6.0)
+    obj = {"a": base, "v": base[2:], "e": torch.zeros(0), "i": torch.arange(3, dtype=torch.int16)}
+    raw = _save(obj, tmp_path / "whole.pt").read_bytes()
     path = tmp_path / "truncated.pt"
     for cut in range(len(raw)):
         path.write_bytes(raw[:cut])
