@@ -87,6 +87,8 @@ def load(
         layout = read_layout(source)
         if layout.format is Format.TORCHSCRIPT:
             return _torchscript_via_load(f, source, map_location, weights_only)
+        if request.mmap:
+            _check_mmap(f, layout)
         return _load_layout(source, layout, request, tensor_name, prefix, select)
 
 
@@ -156,8 +158,6 @@ def _load_layout(
     prefix: str | None,
     select: Select,
 ) -> Any:
-    if request.mmap:
-        _check_mmap(source, layout)
     wanted = _wanted_entries(layout, tensor_name, prefix, select)
     keys = list(layout.storages) if wanted is None else _keys_of(wanted)
     if layout.format is Format.SAFETENSORS:
@@ -190,15 +190,17 @@ def _keys_of(entries: list[TensorEntry]) -> list[str]:
     return list(dict.fromkeys(key for entry in entries for key in entry.storage_keys))
 
 
-def _check_mmap(source: Source, layout: Layout) -> None:
-    if source.path is None:
-        raise UsageError("f must be a file path in order to use the mmap argument")
+def _check_mmap(f: FileLike, layout: Layout) -> None:
+    """torch.load's mmap rules and messages: zip files only, and only given by path."""
     if layout.format is Format.TORCH_LEGACY:
+        f_name = f"{f}, " if isinstance(f, str) else ""
         raise UsageError(
             "mmap can only be used with files saved with "
-            f"`torch.save({source.name}, _use_new_zipfile_serialization=True), "
+            f"`torch.save({f_name}_use_new_zipfile_serialization=True), "
             "please torch.save your checkpoint with this option in order to use mmap."
         )
+    if not isinstance(f, (str, os.PathLike)):
+        raise UsageError("f must be a file path in order to use the mmap argument")
 
 
 def _check_safetensors_map_location(map_location: MapLocation) -> None:
