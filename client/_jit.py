@@ -44,18 +44,18 @@ def jit_load_source(
     layout = read_layout(source)
     if layout.format is not Format.TORCHSCRIPT:
         raise CheckpointError(source.name, "not a TorchScript archive; load it with ckptd.load")
-    module = torch.jit.load(_for_torch(f, source), map_location=map_location, _extra_files=extra_files)
+    module = torch.jit.load(_for_torch(f, source.start), map_location=map_location, _extra_files=extra_files)
     _adopt_tensors(module, layout, source)
     return module
 
 
-def _for_torch(f: FileLike, source: Source) -> Any:
-    """What torch.jit.load can open: the path or stream given, or the bytes wrapped."""
+def _for_torch(f: FileLike, start: int) -> Any:
+    """What torch.jit.load can open: the path given, the bytes wrapped, or the stream rewound."""
     if isinstance(f, (str, os.PathLike)):
         return os.fspath(f)
     if isinstance(f, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(f))
-    f.seek(0)
+    f.seek(start)  # the scan may have moved it; torch reads from the caller's position
     return f
 
 

@@ -31,6 +31,7 @@ class Source:
     name: str
     size: int
     path: str | None = None
+    start: int = 0  # where a caller's file-like object stood when opened (reads are relative to it)
 
     def readinto(self, buffer: memoryview, offset: int) -> None:
         """Fill ``buffer`` exactly with the bytes at ``offset``; a short read is an error."""
@@ -70,7 +71,7 @@ class FileSource(Source):
 
     def __init__(self, fd: int, name: str, *, base: int = 0, owned: bool, path: str | None = None):
         self._fd = fd
-        self._base = base
+        self._base = self.start = base
         self._owned = owned
         self.name = name
         self.path = path
@@ -115,7 +116,7 @@ class StreamSource(Source):
 
     def __init__(self, stream: IO[bytes], name: str):
         self._stream = stream
-        self._base = stream.tell()
+        self._base = self.start = stream.tell()
         self._lock = threading.Lock()
         self.name = name
         self.size = stream.seek(0, io.SEEK_END) - self._base
@@ -172,7 +173,9 @@ def _open_file_like(f: IO[bytes]) -> Source:
     if not seekable:
         raise NotSeekableError(_NOT_SEEKABLE)
     if isinstance(f, io.BytesIO):
-        return BufferSource(f.getbuffer()[position:], name)
+        source: Source = BufferSource(f.getbuffer()[position:], name)
+        source.start = position
+        return source
     try:
         fd = f.fileno()
     except (OSError, AttributeError, ValueError):
