@@ -36,6 +36,7 @@ import math
 import mmap
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -60,12 +61,38 @@ GB = 1e9
 TORCH_RATIO_MAX = 1.0
 PLAIN_RATIO_MAX = 1.25
 
-Timer = Callable[[str], float]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed call: wall seconds and the process's CPU seconds (all threads, user + system)."""
+
+    wall: float
+    cpu: float
+
+
+Timer = Callable[[str], Sample]
+
+
+class Stopwatch:
+    """Wall clock and process CPU time over the same span; CPU time is what contention cannot inflate."""
+
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._cpu = _cpu_seconds()
+
+    def stop(self) -> Sample:
+        return Sample(time.perf_counter() - self._wall, _cpu_seconds() - self._cpu)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
 class Method:
-    """One timed way of loading the file; ``run`` returns seconds for one call."""
+    """One timed way of loading the file; ``run`` times one call."""
 
     name: str
     threads: int | None
@@ -81,6 +108,7 @@ class Row:
     threads: int | None
     headline: str
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -89,6 +117,10 @@ class Row:
     @property
     def best(self) -> float:
         return min(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -169,7 +201,7 @@ def resident_fraction(path: str) -> float:
             vec = (ctypes.c_ubyte * pages)()
             if libc.mincore(addr, size, vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed")
-            return sum(b & 1 for b in vec) / pages
+            return 1 - bytes(vec).count(0) / pages  # mincore sets bit 0 of a page's byte when it is resident
         finally:
             libc.munmap(addr, size)
     finally:
@@ -191,10 +223,10 @@ def check_cold(path: str) -> ColdCheck:
     """Evict, check mincore says the file left the cache, and that a single-thread read slows down."""
     try:
         plain_read(path, 1)
-        warm = plain_read(path, 1)
+        warm = plain_read(path, 1).wall
         evict(path)
         resident = resident_fraction(path)
-        cold = plain_read(path, 1)
+        cold = plain_read(path, 1).wall
     except OSError as exc:
         return ColdCheck(False, math.nan, math.nan, math.nan, f"eviction failed: {exc}")
     works = resident < 0.01 and cold > 1.5 * warm
@@ -208,9 +240,9 @@ def check_cold(path: str) -> ColdCheck:
 # ---------------------------------------------------------------------------- methods
 
 
-def plain_read(path: str, threads: int) -> float:
+def plain_read(path: str, threads: int) -> Sample:
     """memfd + ftruncate + mmap(MAP_SHARED) + preadv of the whole file in 16 MiB chunks."""
-    start = time.perf_counter()
+    watch = Stopwatch()
     size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     mem = os.memfd_create("bench-plain", os.MFD_CLOEXEC)
@@ -230,7 +262,7 @@ def plain_read(path: str, threads: int) -> float:
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(read, offsets))
-    elapsed = time.perf_counter() - start
+    elapsed = watch.stop()
     view.release()
     mapping.close()
     os.close(mem)
@@ -238,21 +270,21 @@ def plain_read(path: str, threads: int) -> float:
     return elapsed
 
 
-def timed(load: Callable[[], Any]) -> float:
-    """Seconds for ``load()``; its result is dropped and collected outside the timed span."""
-    start = time.perf_counter()
+def timed(load: Callable[[], Any]) -> Sample:
+    """Time ``load()``; its result is dropped and collected outside the timed span."""
+    watch = Stopwatch()
     result = load()
-    elapsed = time.perf_counter() - start
+    elapsed = watch.stop()
     del result
     gc.collect()
     return elapsed
 
 
-def torch_load(path: str) -> float:
+def torch_load(path: str) -> Sample:
     return timed(lambda: torch.load(path, map_location="cpu"))
 
 
-def torch_load_mmap(path: str) -> float:
+def torch_load_mmap(path: str) -> Sample:
     def load() -> dict[str, torch.Tensor]:
         lazy = torch.load(path, mmap=True, map_location="cpu")
         return {name: t.clone() for name, t in lazy.items()}
@@ -281,7 +313,7 @@ def reader_threads(threads: int | None) -> Iterator[None]:
 
 
 def ckptd_load(threads: int | None) -> Timer:
-    def run(path: str) -> float:
+    def run(path: str) -> Sample:
         with reader_threads(threads):
             return timed(lambda: ckptd.load(path, map_location="cpu"))
 
@@ -317,16 +349,36 @@ def verify(path: str) -> int:
     return len(expected)
 
 
-def measure(path: str, todo: list[Method], repeats: int, cold: bool) -> list[Row]:
-    """Round-robin: each round runs every method once, starting one later than the last round."""
+def measure(path: str, todo: list[Method], repeats: int, cold: bool, rewarmed: list[float]) -> list[Row]:
+    """Round-robin: each round runs every method once, starting one later than the last round.
+
+    Cold: the file is evicted before each call. Warm: the file is made fully resident before
+    each call (proactive reclaim can page idle file pages out between calls); the fraction
+    that was missing each time is appended to ``rewarmed``.
+    """
     rows = [Row(m.name, m.threads, m.headline) for m in todo]
     for rnd in range(repeats):
-        order = [(rnd + k) % len(todo) for k in range(len(todo))]
-        for k in order:
+        for k in [(rnd + j) % len(todo) for j in range(len(todo))]:
             if cold:
                 evict(path)
-            rows[k].times.append(todo[k].run(path))
+            else:
+                rewarmed.append(make_resident(path))
+            sample = todo[k].run(path)
+            rows[k].times.append(sample.wall)
+            rows[k].cpu.append(sample.cpu)
     return rows
+
+
+def make_resident(path: str) -> float:
+    """Read the file until mincore says every page is cached; returns the fraction that was missing."""
+    missing = 1 - resident_fraction(path)
+    left, tries = missing, 0
+    while left > 0 and tries < 3:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(PLAIN_CHUNK):
+                pass
+        left, tries = 1 - resident_fraction(path), tries + 1
+    return missing
 
 
 def pick(rows: list[Row], headline: str) -> Row:
@@ -341,6 +393,10 @@ def verdict(rows: list[Row]) -> dict[str, Any]:
     return {
         "ckptd_vs_torch_load": vs_torch,
         "ckptd_vs_plain_read": vs_plain,
+        "paired_ckptd_vs_torch_load": statistics.median(a / b for a, b in zip(ck.times, tl.times)),
+        "paired_ckptd_vs_plain_read": statistics.median(a / b for a, b in zip(ck.times, pl.times)),
+        "cpu_ckptd_vs_torch_load": ck.cpu_median / tl.cpu_median,
+        "cpu_ckptd_vs_plain_read": ck.cpu_median / pl.cpu_median,
         "plain_read_floor_threads": pl.threads,
         "holds_vs_torch_load": vs_torch <= TORCH_RATIO_MAX,
         "holds_vs_plain_read": vs_plain <= PLAIN_RATIO_MAX,
@@ -378,11 +434,11 @@ def git_commit() -> str:
 
 def table(warm: list[Row], cold: list[Row] | None, size: int) -> str:
     """One row per method: warm median, min, GB/s and multiple of the plain-read floor; cold likewise."""
-    head = "| method | threads | median s | min s | GB/s | x plain floor |"
-    rule = "|---|---:|---:|---:|---:|---:|"
+    head = "| method | threads | median s | min s | GB/s | x plain floor | CPU s |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
     if cold is not None:
-        head += " cold median s | cold min s | cold GB/s | cold x plain floor |"
-        rule += "---:|---:|---:|---:|"
+        head += " cold median s | cold min s | cold GB/s | cold x plain floor | cold CPU s |"
+        rule += "---:|---:|---:|---:|---:|"
     lines = [head, rule]
     floor, cold_floor = pick(warm, "plain"), pick(cold, "plain") if cold is not None else None
     for k, r in enumerate(warm):
@@ -395,15 +451,17 @@ def table(warm: list[Row], cold: list[Row] | None, size: int) -> str:
 
 
 def cells(r: Row, floor: Row, size: int) -> str:
-    return f"{r.median:.3f} | {r.best:.3f} | {size / GB / r.median:.2f} | {r.median / floor.median:.2f} |"
+    return f"{r.median:.3f} | {r.best:.3f} | {size / GB / r.median:.2f} | {r.median / floor.median:.2f} | {r.cpu_median:.2f} |"
 
 
 def verdict_lines(v: dict[str, Any]) -> list[str]:
     return [
         f"- ckptd.load / torch.load (median): **{v['ckptd_vs_torch_load']:.2f}x** "
-        f"(needs <= {TORCH_RATIO_MAX:g}): {'PASS' if v['holds_vs_torch_load'] else 'FAIL'}",
+        f"(needs <= {TORCH_RATIO_MAX:g}): {'PASS' if v['holds_vs_torch_load'] else 'FAIL'}; "
+        f"median of per-round ratios {v['paired_ckptd_vs_torch_load']:.2f}x, CPU time {v['cpu_ckptd_vs_torch_load']:.2f}x",
         f"- ckptd.load / plain read, {v['plain_read_floor_threads']} thread(s) (median): "
-        f"**{v['ckptd_vs_plain_read']:.2f}x** (needs <= {PLAIN_RATIO_MAX:g}): {'PASS' if v['holds_vs_plain_read'] else 'FAIL'}",
+        f"**{v['ckptd_vs_plain_read']:.2f}x** (needs <= {PLAIN_RATIO_MAX:g}): {'PASS' if v['holds_vs_plain_read'] else 'FAIL'}; "
+        f"median of per-round ratios {v['paired_ckptd_vs_plain_read']:.2f}x, CPU time {v['cpu_ckptd_vs_plain_read']:.2f}x",
     ]
 
 
@@ -423,6 +481,12 @@ def markdown(report: dict[str, Any], warm: list[Row], cold: list[Row] | None, ch
         f"(default reader threads {m['ckptd_default_threads']}, chunk {m['ckptd_default_chunk_bytes'] >> 20} MiB).",
         "",
         f"Command: `{report['command']}`",
+        "",
+        f"1-minute load average {report['loadavg_1min']['before']:.2f} before, {report['loadavg_1min']['after']:.2f} after "
+        f"({m['cores']} cores): above ~1, other processes shared the CPUs and wall times carry their noise; "
+        "CPU s (this process, user + system, all threads) does not. "
+        f"Warm calls that found pages evicted and re-read them first: {report['warm_rewarm']['calls_with_pages_missing']}"
+        f"/{report['warm_rewarm']['calls']} (most missing {report['warm_rewarm']['max_missing_fraction']:.1%}).",
         "",
         table(warm, cold, size),
         "",
@@ -467,10 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     count = verify(spath)
     print(f"checkpoint: {path} ({size / GB:.3f} GB, {count} tensors); ckptd.load == torch.load verified", flush=True)
     todo = methods(args.threads)
-    measure(spath, todo, 1, cold=False)  # untimed warm-up: imports, allocator, page cache
-    warm = measure(spath, todo, args.repeats, cold=False)
+    load_before, rewarmed = os.getloadavg(), []
+    measure(spath, todo, 1, cold=False, rewarmed=[])  # untimed warm-up: imports, allocator, page cache
+    warm = measure(spath, todo, args.repeats, cold=False, rewarmed=rewarmed)
     check = check_cold(spath) if args.cold_repeats > 0 else ColdCheck(False, math.nan, math.nan, math.nan, "skipped (--cold-repeats 0)")
-    cold = measure(spath, todo, args.cold_repeats, cold=True) if check.works else None
+    cold = measure(spath, todo, args.cold_repeats, cold=True, rewarmed=[]) if check.works else None
     holds = bool(verdict(warm)["holds"])
     report = {
         "date": dt.date.today().isoformat(),
@@ -483,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "warm": {"rows": row_json(warm, size), "verdict": verdict(warm)},
         "cold": {"rows": row_json(cold, size), "verdict": verdict(cold)} if cold is not None else None,
         "cold_check": asdict(check),
+        "loadavg_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "warm_rewarm": {"calls_with_pages_missing": sum(m > 0 for m in rewarmed), "calls": len(rewarmed), "max_missing_fraction": max(rewarmed, default=0.0)},
         "criterion_holds": holds,
     }
     text = markdown(report, warm, cold, check)

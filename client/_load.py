@@ -25,13 +25,14 @@ from ckptd.formats import (
     open_source,
     read_layout,
     read_sharded_index,
+    sniff,
 )
 
-from ._exceptions import UsageError
+from ._exceptions import UnpicklingError, UsageError
 from ._placement import MapLocation, target_tag
 from ._select import Select, extract, find, select_entries
 from ._storages import StorageSet, read_storages
-from ._unpickle import unpickle
+from ._unpickle import unpickle, weights_only_message
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,34 @@ def load(
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)
     with open_source(f) as source:
-        layout = read_layout(source)
+        layout = _read_layout(source, weights_only)
         if layout.format is Format.TORCHSCRIPT:
             return _torchscript_via_load(f, source, map_location, weights_only)
         if request.mmap:
             _check_mmap(f, layout)
         return _load_layout(source, layout, request, tensor_name, prefix, select)
+
+
+def _read_layout(source: Source, weights_only: bool) -> Layout:
+    """Read the layout; a refused legacy header is torch's UnpicklingError where torch's would be.
+
+    torch.load unpickles a non-zip file's first pickle (the magic number) with the
+    restricted unpickler when ``weights_only``, so a hostile pickle there is reported as
+    an UnpicklingError. ckptd's scan has already refused it; the restricted unpickler (never
+    the full one) is run on that pickle only to give the same verdict.
+    """
+    try:
+        return read_layout(source)
+    except CheckpointError as exc:
+        if weights_only and sniff(source) is Format.TORCH_LEGACY:
+            head = source.read(0, min(source.size, 1 << 20))
+            try:
+                _weights_only_unpickler.Unpickler(io.BytesIO(head), encoding="utf-8").load()
+            except pickle.UnpicklingError as refused:
+                raise UnpicklingError(weights_only_message(source.name, refused)) from None
+            except Exception:  # noqa: BLE001 - any other failure: the scan's own error stands
+                pass
+        raise exc
 
 
 class _Request:

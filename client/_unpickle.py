@@ -71,7 +71,7 @@ def unpickle(
         result = unpickler.load()
     except pickle.UnpicklingError as exc:
         if weights_only:
-            raise UnpicklingError(_weights_only_message(layout.name, exc)) from None
+            raise UnpicklingError(weights_only_message(layout.name, exc)) from None
         raise
     finally:
         if tls is not None:
@@ -80,7 +80,8 @@ def unpickle(
     return result
 
 
-def _weights_only_message(name: str, exc: Exception) -> str:
+def weights_only_message(name: str, exc: Exception) -> str:
+    """What to tell a user whose file the restricted unpickler refused."""
     return (
         f"Weights only load failed for {name}. If you trust the file's source, load it with "
         "weights_only=False (this runs code from the file); or allow the globals it needs with "

@@ -40,9 +40,7 @@ def read_legacy_layout(source: Source) -> Layout:
             "legacy tar checkpoint (PyTorch < 0.4); load it once with torch.load and re-save it with torch.save",
         )
     head, pickles = _scan_pickles(source)
-    magic, protocol, _sys_info, main, keys = pickles
-    if magic.root != MAGIC_NUMBER:
-        raise CheckpointError(source.name, "invalid magic number: not a torch checkpoint, or corrupt")
+    _magic, protocol, _sys_info, main, keys = pickles
     if protocol.root != PROTOCOL_VERSION:
         raise CheckpointError(source.name, f"invalid legacy protocol version {protocol.root!r}")
     storages = _storage_records(source, main, keys, head)
@@ -76,6 +74,8 @@ def _scan_five(head: bytes, name: str) -> list[ScanResult]:
     start = 0
     for _ in range(5):
         result = scan(head, name, start=start)
+        if not results and result.root != MAGIC_NUMBER:
+            raise CheckpointError(name, "invalid magic number: not a torch checkpoint, or corrupt")
         results.append(result)
         start = result.end
     return results
