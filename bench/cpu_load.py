@@ -62,7 +62,6 @@ TORCH_RATIO_MAX = 1.0
 PLAIN_RATIO_MAX = 1.25
 
 
-
 @dataclass(frozen=True)
 class Sample:
     """One timed call: wall seconds and the process's CPU seconds (all threads, user + system)."""
@@ -270,6 +269,10 @@ def plain_read(path: str, threads: int) -> Sample:
     return elapsed
 
 
+def plain_reader(threads: int) -> Timer:
+    return lambda path: plain_read(path, threads)
+
+
 def timed(load: Callable[[], Any]) -> Sample:
     """Time ``load()``; its result is dropped and collected outside the timed span."""
     watch = Stopwatch()
@@ -324,7 +327,7 @@ def methods(sweep: list[int]) -> list[Method]:
     """Plain reads at 1, the default and every swept thread count; torch.load twice; ckptd at each."""
     default = _reader.DEFAULT_THREADS
     plain = sorted({1, default, *sweep})
-    rows = [Method("plain read (memfd)", n, lambda p, n=n: plain_read(p, n), "plain") for n in plain]
+    rows = [Method("plain read (memfd)", n, plain_reader(n), "plain") for n in plain]
     rows.append(Method("torch.load(map_location='cpu')", None, torch_load, "torch"))
     rows.append(Method("torch.load(mmap=True) + clone", None, torch_load_mmap))
     rows.append(Method("ckptd.load(map_location='cpu')", default, ckptd_load(None), "ckptd"))
@@ -408,7 +411,10 @@ def verdict(rows: list[Row]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        platform.processor(),
+    )
     mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
     return {
         "cpu": cpu,
@@ -456,12 +462,16 @@ def cells(r: Row, floor: Row, size: int) -> str:
 
 def verdict_lines(v: dict[str, Any]) -> list[str]:
     return [
-        f"- ckptd.load / torch.load (median): **{v['ckptd_vs_torch_load']:.2f}x** "
-        f"(needs <= {TORCH_RATIO_MAX:g}): {'PASS' if v['holds_vs_torch_load'] else 'FAIL'}; "
-        f"median of per-round ratios {v['paired_ckptd_vs_torch_load']:.2f}x, CPU time {v['cpu_ckptd_vs_torch_load']:.2f}x",
-        f"- ckptd.load / plain read, {v['plain_read_floor_threads']} thread(s) (median): "
-        f"**{v['ckptd_vs_plain_read']:.2f}x** (needs <= {PLAIN_RATIO_MAX:g}): {'PASS' if v['holds_vs_plain_read'] else 'FAIL'}; "
-        f"median of per-round ratios {v['paired_ckptd_vs_plain_read']:.2f}x, CPU time {v['cpu_ckptd_vs_plain_read']:.2f}x",
+        (
+            f"- ckptd.load / torch.load (median): **{v['ckptd_vs_torch_load']:.2f}x** "
+            f"(needs <= {TORCH_RATIO_MAX:g}): {'PASS' if v['holds_vs_torch_load'] else 'FAIL'}; "
+            f"median of per-round ratios {v['paired_ckptd_vs_torch_load']:.2f}x, CPU time {v['cpu_ckptd_vs_torch_load']:.2f}x"
+        ),
+        (
+            f"- ckptd.load / plain read, {v['plain_read_floor_threads']} thread(s) (median): "
+            f"**{v['ckptd_vs_plain_read']:.2f}x** (needs <= {PLAIN_RATIO_MAX:g}): {'PASS' if v['holds_vs_plain_read'] else 'FAIL'}; "
+            f"median of per-round ratios {v['paired_ckptd_vs_plain_read']:.2f}x, CPU time {v['cpu_ckptd_vs_plain_read']:.2f}x"
+        ),
     ]
 
 
@@ -471,22 +481,28 @@ def markdown(report: dict[str, Any], warm: list[Row], cold: list[Row] | None, ch
     out = [
         f"# CPU load benchmark, {report['date']}",
         "",
-        f"Checkpoint: {c['tensors']} bf16 tensors, {size / GB:.3f} GB ({size / (1 << 30):.3f} GiB), torch.save zip. "
-        f"Repeats: {report['repeats']} warm, {report['cold_repeats']} cold, interleaved round-robin. "
-        "ckptd.load's result was checked equal to torch.load's (torch.equal per tensor) before timing. "
-        "GB/s = file bytes / median seconds (1 GB = 1e9 bytes). Plain floor = the fastest plain-read row.",
+        (
+            f"Checkpoint: {c['tensors']} bf16 tensors, {size / GB:.3f} GB ({size / (1 << 30):.3f} GiB), torch.save zip. "
+            f"Repeats: {report['repeats']} warm, {report['cold_repeats']} cold, interleaved round-robin. "
+            "ckptd.load's result was checked equal to torch.load's (torch.equal per tensor) before timing. "
+            "GB/s = file bytes / median seconds (1 GB = 1e9 bytes). Plain floor = the fastest plain-read row."
+        ),
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['ram_gib']} GiB RAM, "
-        f"Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}, ckptd @ {m['git_commit']} "
-        f"(default reader threads {m['ckptd_default_threads']}, chunk {m['ckptd_default_chunk_bytes'] >> 20} MiB).",
+        (
+            f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['ram_gib']} GiB RAM, "
+            f"Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}, ckptd @ {m['git_commit']} "
+            f"(default reader threads {m['ckptd_default_threads']}, chunk {m['ckptd_default_chunk_bytes'] >> 20} MiB)."
+        ),
         "",
         f"Command: `{report['command']}`",
         "",
-        f"1-minute load average {report['loadavg_1min']['before']:.2f} before, {report['loadavg_1min']['after']:.2f} after "
-        f"({m['cores']} cores): above ~1, other processes shared the CPUs and wall times carry their noise; "
-        "CPU s (this process, user + system, all threads) does not. "
-        f"Warm calls that found pages evicted and re-read them first: {report['warm_rewarm']['calls_with_pages_missing']}"
-        f"/{report['warm_rewarm']['calls']} (most missing {report['warm_rewarm']['max_missing_fraction']:.1%}).",
+        (
+            f"1-minute load average {report['loadavg_1min']['before']:.2f} before, {report['loadavg_1min']['after']:.2f} after "
+            f"({m['cores']} cores): above ~1, other processes shared the CPUs and wall times carry their noise; "
+            "CPU s (this process, user + system, all threads) does not. "
+            f"Warm calls that found pages evicted and re-read them first: {report['warm_rewarm']['calls_with_pages_missing']}"
+            f"/{report['warm_rewarm']['calls']} (most missing {report['warm_rewarm']['max_missing_fraction']:.1%})."
+        ),
         "",
         table(warm, cold, size),
         "",
@@ -495,7 +511,11 @@ def markdown(report: dict[str, Any], warm: list[Row], cold: list[Row] | None, ch
         "",
     ]
     if cold is not None:
-        out += ["Page cache cold (file evicted with posix_fadvise(DONTNEED) before every call), for information:", *verdict_lines(verdict(cold)), ""]
+        out += [
+            "Page cache cold (file evicted with posix_fadvise(DONTNEED) before every call), for information:",
+            *verdict_lines(verdict(cold)),
+            "",
+        ]
     else:
         out += [f"Page-cache-cold columns not measured here: {check.reason}.", ""]
     out += [f"Cold-cache check: {check.reason}.", "", f"**Criterion: {'HOLDS' if report['criterion_holds'] else 'DOES NOT HOLD'}**", ""]
@@ -511,7 +531,9 @@ def row_json(rows: list[Row], size: int) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ckptd-bench", help="where the checkpoint is generated and reused")
+    p.add_argument(
+        "--dir", type=Path, default=Path(tempfile.gettempdir()) / "ckptd-bench", help="where the checkpoint is generated and reused"
+    )
     p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size in GiB of tensor data (at least)")
     p.add_argument("--tensors", type=int, default=200, help="about how many tensors (9 per layer + 3)")
     p.add_argument("--repeats", type=int, default=5, help="rounds with the page cache warm")
@@ -531,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     count = verify(spath)
     print(f"checkpoint: {path} ({size / GB:.3f} GB, {count} tensors); ckptd.load == torch.load verified", flush=True)
     todo = methods(args.threads)
-    load_before, rewarmed = os.getloadavg(), []
+    load_before, rewarmed = os.getloadavg(), list[float]()
     measure(spath, todo, 1, cold=False, rewarmed=[])  # untimed warm-up: imports, allocator, page cache
     warm = measure(spath, todo, args.repeats, cold=False, rewarmed=rewarmed)
     check = check_cold(spath) if args.cold_repeats > 0 else ColdCheck(False, math.nan, math.nan, math.nan, "skipped (--cold-repeats 0)")
@@ -549,7 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         "cold": {"rows": row_json(cold, size), "verdict": verdict(cold)} if cold is not None else None,
         "cold_check": asdict(check),
         "loadavg_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
-        "warm_rewarm": {"calls_with_pages_missing": sum(m > 0 for m in rewarmed), "calls": len(rewarmed), "max_missing_fraction": max(rewarmed, default=0.0)},
+        "warm_rewarm": {
+            "calls_with_pages_missing": sum(m > 0 for m in rewarmed),
+            "calls": len(rewarmed),
+            "max_missing_fraction": max(rewarmed, default=0.0),
+        },
         "criterion_holds": holds,
     }
     text = markdown(report, warm, cold, check)

@@ -278,6 +278,8 @@ def _push_marked(wrap: Any) -> Any:
 
 def _tuple_n(n: int) -> Any:
     def handler(m: _Machine, _: Any) -> None:
+        if len(m.stack) < n:
+            raise CheckpointError(m.name, f"TUPLE{n} needs {n} items on the stack: malformed pickle")
         items = m.stack[len(m.stack) - n :] if n else []
         del m.stack[len(m.stack) - n :]
         m.stack.append(tuple(items))
@@ -434,26 +436,58 @@ def _is_tensor_call(obj: Any) -> bool:
     )
 
 
+# How many names one container may be reached under: enough for submodules shared by a
+# few attributes, while a pickle that reuses containers 2**40 ways costs linear work.
+_MAX_NAMES_PER_OBJECT = 8
+
+
+@dataclass(frozen=True)
+class _PathNode:
+    """A path as a chain of (parent, key): extending it is O(1), however deep the nesting."""
+
+    parent: _PathNode | None
+    key: str | int
+
+    def parts(self) -> tuple[str | int, ...]:
+        parts: list[str | int] = []
+        node: _PathNode | None = self
+        while node is not None:
+            parts.append(node.key)
+            node = node.parent
+        return tuple(reversed(parts))
+
+
 def _named_tensors(root: Any, storages: dict[str, StorageRef]) -> Iterator[TensorEntry]:
     """Walk containers (dicts, lists, object state) from the root; yield each tensor found.
 
-    Iterative, with a guard on revisits, so cyclic or deeply nested pickles cannot
-    exhaust the interpreter's stack. A tensor reachable under two names is yielded twice.
+    Iterative and bounded: each container is expanded under at most a few names, so
+    cycles, deep nesting and shared sub-trees cost linear work. A tensor reachable under
+    two names (a shared submodule) is yielded under both.
     """
-    todo: list[tuple[tuple[str | int, ...], Any, frozenset[int]]] = [((), root, frozenset())]
+    todo: list[tuple[_PathNode | None, Any]] = [(None, root)]
+    expanded: dict[int, int] = {}
+    on_path: set[int] = set()  # containers being expanded above the current one: a cycle
     while todo:
-        path, obj, ancestors = todo.pop()
-        if _is_tensor_call(obj):
-            entry = _tensor_entry(path, obj, storages)
+        node, obj = todo.pop()
+        if isinstance(obj, _Leave):
+            on_path.discard(obj.ident)
+        elif _is_tensor_call(obj):
+            entry = _tensor_entry(node.parts() if node else (), obj, storages)
             if entry is not None:
                 yield entry
-            continue
-        if id(obj) in ancestors:
-            continue
-        inner = ancestors | {id(obj)}
-        children = list(_children(obj))
-        for key, child in reversed(children):
-            todo.append(((*path, key), child, inner))
+        elif id(obj) not in on_path and expanded.get(id(obj), 0) < _MAX_NAMES_PER_OBJECT:
+            expanded[id(obj)] = expanded.get(id(obj), 0) + 1
+            on_path.add(id(obj))
+            todo.append((None, _Leave(id(obj))))
+            for key, child in reversed(list(_children(obj))):
+                todo.append((_PathNode(node, key), child))
+
+
+@dataclass(frozen=True)
+class _Leave:
+    """Marks, on the walk's stack, the end of a container's expansion."""
+
+    ident: int
 
 
 def _children(obj: Any) -> Iterator[tuple[str | int, Any]]:
