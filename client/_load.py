@@ -185,11 +185,16 @@ def _load_layout(
     keys = list(layout.storages) if wanted is None else _keys_of(wanted)
     if layout.format is Format.SAFETENSORS:
         _check_safetensors_map_location(request.map_location)
-    storages = read_storages(source, layout, keys, request.map_location, mmap=request.mmap, progress=request.progress)
-    if layout.format is Format.SAFETENSORS:
-        obj: Any = _safetensors_dict(layout, storages)
-    else:
-        obj = unpickle(layout, storages, request.pickle_module, request.weights_only, request.pickle_load_args)
+    storages = read_storages(
+        source, layout, keys, request.map_location, mmap=request.mmap, progress=request.progress, wait=False
+    )
+    try:  # the object is rebuilt while the storages' bytes arrive
+        if layout.format is Format.SAFETENSORS:
+            obj: Any = _safetensors_dict(layout, storages)
+        else:
+            obj = unpickle(layout, storages, request.pickle_module, request.weights_only, request.pickle_load_args)
+    finally:
+        storages.wait()
     if tensor_name is not None:
         assert wanted is not None
         return extract(obj, wanted[0])

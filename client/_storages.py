@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,20 @@ class StorageSet:
     views: dict[str, torch.UntypedStorage] = field(default_factory=dict)
     arenas: list[Arena] = field(default_factory=list)
 
+    _pending: Future[None] | None = None
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (the reads) on a background thread; :meth:`wait` joins it."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-fill")
+        self._pending = pool.submit(job)
+        pool.shutdown(wait=False)  # the thread ends with the job
+
+    def wait(self) -> None:
+        """Return once every byte is in place; re-raise what the reads raised."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
     @functools.cached_property
     def _meta_safe(self) -> frozenset[str]:
         """Keys whose every user rebuilds fine around a meta storage (skipped ones cost nothing)."""
@@ -65,6 +80,8 @@ class StorageSet:
         if view is None:  # nothing was read: an empty storage, or a meta target
             view = torch.UntypedStorage(record.nbytes, device=_META if record.nbytes else _CPU)
         tag = target_tag(self.map_location, location)
+        if tag is None or view.device != device_for_tag(tag):
+            self.wait()  # the callable, or the copy to another device, needs the bytes
         if tag is None:
             return apply_callable(self.map_location, view, location)  # type: ignore[arg-type]
         if view.device != device_for_tag(tag):
@@ -80,8 +97,13 @@ def read_storages(
     *,
     mmap: bool = False,
     progress: Callable[[int], None] | None = None,
+    wait: bool = True,
 ) -> StorageSet:
     """Read the storages named by ``keys`` straight to their devices.
+
+    Arenas are allocated and views handed out at once; with ``wait=False`` the bytes
+    arrive in the background (call :meth:`StorageSet.wait` before using them), so the
+    object can be unpickled while the disk is read.
 
     >>> import io
     >>> from ckptd.formats import open_source, read_layout
@@ -96,15 +118,25 @@ def read_storages(
     swap = layout.byteorder != sys.byteorder
     if mmap:
         _map_file(source, records, result)
+        jobs: list[tuple[Arena, list[Copy]]] = []
     else:
-        by_device = _group_by_device(records, map_location, swap)
-        for device, group in by_device.items():
-            _read_group(source, device, group, result, progress)
-    if swap:
-        for record in records:
-            view = result.views.get(record.key)
-            if view is not None and view.device.type == "cpu":
-                view.byteswap(record.dtype)
+        groups = _group_by_device(records, map_location, swap)
+        jobs = [_place_group(device, group, result) for device, group in groups.items()]
+    swapped = [r for r in records if swap and r.key in result.views and result.views[r.key].device.type == "cpu"]
+
+    def finish() -> None:
+        for arena, copies in jobs:
+            try:
+                fill(source, arena, copies, progress=progress)
+            finally:
+                arena.close()  # tensors keep the mapping; the descriptor is not needed in-process
+        for record in swapped:
+            result.views[record.key].byteswap(record.dtype)
+
+    if wait:
+        finish()
+    else:
+        result.start(finish)
     return result
 
 
@@ -125,13 +157,8 @@ def _group_by_device(
     return groups
 
 
-def _read_group(
-    source: Source,
-    device: torch.device,
-    records: list[StorageRecord],
-    result: StorageSet,
-    progress: Callable[[int], None] | None,
-) -> None:
+def _place_group(device: torch.device, records: list[StorageRecord], result: StorageSet) -> tuple[Arena, list[Copy]]:
+    """Lay the storages out at aligned offsets in one new arena; return what to copy where."""
     offsets: list[int] = []
     total = 0
     for record in records:
@@ -140,11 +167,9 @@ def _read_group(
         total += record.nbytes
     arena = allocate(device, total)
     result.arenas.append(arena)
-    copies = [Copy(r.offset, off, r.nbytes) for r, off in zip(records, offsets)]
-    fill(source, arena, copies, progress=progress)
     for record, offset in zip(records, offsets):
         result.views[record.key] = arena.view(offset, record.nbytes)
-    arena.close()  # the mapping stays alive with the tensors; the descriptor is not needed in-process
+    return arena, [Copy(r.offset, off, r.nbytes) for r, off in zip(records, offsets)]
 
 
 def _map_file(source: Source, records: list[StorageRecord], result: StorageSet) -> None:

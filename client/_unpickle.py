@@ -76,6 +76,7 @@ def unpickle(
     finally:
         if tls is not None:
             tls.map_location = None
+    storages.wait()  # the sparse-tensor checks read index data
     torch._utils._validate_loaded_sparse_tensors()
     return result
 

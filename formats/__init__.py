@@ -28,7 +28,7 @@ from ._layout import Format, Layout, StorageRecord, TensorEntry, validate
 from ._legacy import is_legacy_tar, read_legacy_layout
 from ._safetensors import read_safetensors_layout
 from ._sharded import ShardedIndex, is_sharded_index, read_sharded_index
-from ._source import FileLike, Source, open_source
+from ._source import FileLike, FileSource, Source, open_source
 from ._zip import is_zip, read_zip_layout
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CkptdError",
     "FileLike",
+    "FileSource",
     "Format",
     "Layout",
     "NotSeekableError",

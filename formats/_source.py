@@ -89,6 +89,16 @@ class FileSource(Source):
     def fileno(self) -> int | None:
         return self._fd
 
+    def send(self, out_fd: int, offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from ``offset`` to ``out_fd``'s position inside the kernel (``sendfile``)."""
+        self._check_span(offset, nbytes)
+        done = 0
+        while done < nbytes:
+            sent = os.sendfile(out_fd, self._fd, self._base + offset + done, nbytes - done)
+            if sent == 0:
+                raise CheckpointError(self.name, f"file shrank while reading at offset {offset + done}")
+            done += sent
+
     def close(self) -> None:
         if self._owned and self._fd >= 0:
             os.close(self._fd)

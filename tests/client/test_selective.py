@@ -260,7 +260,7 @@ def big_ckpt(tmp_path_factory):
 
 
 class _ReadSpy:
-    """Counts bytes read through os.pread/os.preadv from one file (by device and inode)."""
+    """Counts bytes read through os.pread/os.preadv/os.sendfile from one file (by device and inode)."""
 
     def __init__(self, path, monkeypatch) -> None:
         st = os.stat(path)
@@ -268,7 +268,7 @@ class _ReadSpy:
         self.bytes = 0
         self.calls = 0
         self._lock = threading.Lock()
-        real_pread, real_preadv = os.pread, os.preadv
+        real_pread, real_preadv, real_sendfile = os.pread, os.preadv, os.sendfile
 
         def pread(fd, n, offset):
             data = real_pread(fd, n, offset)
@@ -280,8 +280,14 @@ class _ReadSpy:
             self._note(fd, n)
             return n
 
+        def sendfile(out_fd, in_fd, offset, count, *args):
+            n = real_sendfile(out_fd, in_fd, offset, count, *args)
+            self._note(in_fd, n)
+            return n
+
         monkeypatch.setattr(os, "pread", pread)
         monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(os, "sendfile", sendfile)
 
     def _note(self, fd: int, n: int) -> None:
         try:
@@ -307,7 +313,7 @@ def test_selective_reads_only_selected_storage(ckptd_mod, big_ckpt, monkeypatch,
         got = ckptd_mod.load(path, select="layers.123.")["layers.123.w"]
     monkeypatch.undo()
     assert torch.equal(got, torch.full((TENSOR_BYTES // 4,), 123.0))
-    assert spy.calls, "no os.pread/os.preadv reads of the checkpoint were seen: is the spy bypassed?"
+    assert spy.calls, "no os.pread/os.preadv/os.sendfile reads of the checkpoint were seen: is the spy bypassed?"
     assert spy.bytes >= TENSOR_BYTES, f"only {spy.bytes} bytes seen read: storage read some other way?"
     limit = 2 * TENSOR_BYTES + pickle_bytes + 64 * 1024
     assert spy.bytes < limit, f"read {spy.bytes} bytes for one {TENSOR_BYTES}-byte tensor (limit {limit})"

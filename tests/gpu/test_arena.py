@@ -111,3 +111,28 @@ def test_view_outside_the_arena_is_refused() -> None:
 def test_empty_arena() -> None:
     arena = allocate(torch.device("cpu"), 0)
     assert arena.nbytes == 0 and arena.view(0, 0).nbytes() == 0
+
+
+def test_kernel_copy_falls_back_to_reads_when_refused(blob: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sendfile into the arena is refused, chunks are read normally: same bytes."""
+
+    def refuse(*args: object) -> int:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", refuse)
+    data = blob.read_bytes()
+    arena = allocate(torch.device("cpu"), len(data))
+    with open_source(blob) as source:
+        fill(source, arena, [Copy(0, 0, len(data))], threads=2, chunk_bytes=1 << 20)
+    assert _bytes(arena.storage) == data
+
+
+def test_file_to_shared_memory_goes_through_the_kernel(blob: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[int] = []
+    real = os.sendfile
+    monkeypatch.setattr(os, "sendfile", lambda o, i, off, n: sent.append(n) or real(o, i, off, n))
+    data = blob.read_bytes()
+    arena = allocate(torch.device("cpu"), len(data))
+    with open_source(blob) as source:
+        fill(source, arena, [Copy(0, 0, len(data))], chunk_bytes=1 << 20)
+    assert sum(sent) == len(data) and _bytes(arena.storage) == data
