@@ -9,6 +9,8 @@ Methods, all timed from "path in hand" to "every byte in process memory":
 
 * ``plain read``: memfd_create + ftruncate + mmap(MAP_SHARED) + os.preadv of the whole
   file in 16 MiB chunks, with N threads: the floor for "file bytes into shared memory".
+* ``plain sendfile``: the same memfd filled by ``os.sendfile`` (a copy inside the kernel)
+  with N threads, then mapped: the other floor. The criterion uses the faster of the two.
 * ``torch.load``: ``torch.load(path, map_location='cpu')``.
 * ``torch.load mmap``: ``torch.load(path, mmap=True)`` then ``clone()`` of every tensor,
   so the lazy mapping is paid and the result is private memory like torch.load's.
@@ -273,6 +275,39 @@ def plain_reader(threads: int) -> Timer:
     return lambda path: plain_read(path, threads)
 
 
+def plain_sendfile(path: str, threads: int) -> Sample:
+    """memfd + ftruncate + os.sendfile of the whole file in 16 MiB chunks (a kernel copy), then mmap.
+
+    The other floor for "file bytes into shared memory": the kernel writes the memfd's pages
+    itself, without faulting a user mapping page by page. Each thread seeks its own open file
+    description of the memfd (sendfile writes at the output's position).
+    """
+    watch = Stopwatch()
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    mem = os.memfd_create("bench-sendfile", os.MFD_CLOEXEC)
+    os.ftruncate(mem, size)
+    offsets = list(range(0, size, PLAIN_CHUNK))
+
+    def copy(share: list[int]) -> None:
+        out = os.open(f"/proc/self/fd/{mem}", os.O_RDWR)
+        for offset in share:
+            end = min(offset + PLAIN_CHUNK, size)
+            os.lseek(out, offset, os.SEEK_SET)
+            while offset < end:
+                offset += os.sendfile(out, fd, offset, end - offset)
+        os.close(out)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(copy, [offsets[i :: max(1, threads)] for i in range(max(1, threads))]))
+    mapping = mmap.mmap(mem, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    elapsed = watch.stop()
+    mapping.close()
+    os.close(mem)
+    os.close(fd)
+    return elapsed
+
+
 def timed(load: Callable[[], Any]) -> Sample:
     """Time ``load()``; its result is dropped and collected outside the timed span."""
     watch = Stopwatch()
@@ -328,6 +363,7 @@ def methods(sweep: list[int]) -> list[Method]:
     default = _reader.DEFAULT_THREADS
     plain = sorted({1, default, *sweep})
     rows = [Method("plain read (memfd)", n, plain_reader(n), "plain") for n in plain]
+    rows += [Method("plain sendfile (memfd)", n, lambda p, n=n: plain_sendfile(p, n), "plain") for n in plain]
     rows.append(Method("torch.load(map_location='cpu')", None, torch_load, "torch"))
     rows.append(Method("torch.load(mmap=True) + clone", None, torch_load_mmap))
     rows.append(Method("ckptd.load(map_location='cpu')", default, ckptd_load(None), "ckptd"))

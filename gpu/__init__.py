@@ -15,7 +15,7 @@ b'xyz'
 
 from __future__ import annotations
 
-from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena
+from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, shm_arena
 from ._errors import DeviceError
 from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill
 
@@ -31,4 +31,6 @@ __all__ = [
     "chunks",
     "cpu_arena",
     "fill",
+    "map_arena",
+    "shm_arena",
 ]

@@ -9,8 +9,10 @@ hand, but :meth:`Arena.close` drops the descriptor early.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import secrets
 from types import TracebackType
 
 import torch
@@ -38,6 +40,7 @@ class Arena:
         self.nbytes = storage.nbytes()
         self._host = host
         self._fd = fd
+        self.path: str | None = None  # the shared-memory file's name, for named arenas
 
     def view(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         """The arena's bytes ``[offset, offset + nbytes)`` as a storage that aliases it."""
@@ -64,6 +67,13 @@ class Arena:
             self._host.release()
             self._host = None
 
+    def unlink(self) -> None:
+        """Remove a named arena's file; processes that mapped it keep their pages."""
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.path = None
+
     def __enter__(self) -> Arena:
         return self
 
@@ -71,6 +81,7 @@ class Arena:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+        self.unlink()
 
 
 def cpu_arena(nbytes: int, *, name: str = "ckptd-arena") -> Arena:
@@ -86,12 +97,62 @@ def cpu_arena(nbytes: int, *, name: str = "ckptd-arena") -> Arena:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)
-        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = _map(fd, nbytes, shared=True)
     except OSError:
         os.close(fd)
         raise
     storage = torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
     return Arena(torch.device("cpu"), storage, host=memoryview(mapping), fd=fd)
+
+
+def shm_arena(nbytes: int, directory: str, *, prefix: str = "ckptd-") -> Arena:
+    """A CPU arena in a named shared-memory file (``directory``, usually ``/dev/shm``).
+
+    The file is created owner-only (0600) with an unguessable name, so only processes of
+    the same user can map it: the daemon's way of handing arenas to its clients. Call
+    :meth:`Arena.unlink` to remove the name; mappings stay valid until unmapped.
+
+    >>> import tempfile
+    >>> with shm_arena(64, tempfile.gettempdir()) as arena:
+    ...     arena.path is not None and os.stat(arena.path).st_mode & 0o777 == 0o600
+    True
+    """
+    path = os.path.join(directory, f"{prefix}{secrets.token_hex(12)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = _map(fd, nbytes, shared=True) if nbytes else None
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    storage = torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage() if mapping else torch.UntypedStorage(0)
+    arena = Arena(torch.device("cpu"), storage, host=memoryview(mapping) if mapping else None, fd=fd)
+    arena.path = path
+    return arena
+
+
+class _Mapping(mmap.mmap):
+    """An mmap that can be weakly referenced (plain mmap objects cannot): owners learn when it dies."""
+
+
+def map_arena(path: str, nbytes: int) -> tuple[torch.UntypedStorage, mmap.mmap]:
+    """Map a shared-memory arena file copy-on-write: reads share the pages, writes stay private.
+
+    Returns the arena as a storage and the mapping object (weakly referenceable, alive as
+    long as any tensor built on the storage).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mapping = _Mapping(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage(), mapping
+
+
+def _map(fd: int, nbytes: int, *, shared: bool) -> mmap.mmap:
+    flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+    return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def device_arena(device: torch.device, nbytes: int) -> Arena:

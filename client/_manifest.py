@@ -1,0 +1,147 @@
+"""The manifest: what the daemon tells a client about a loaded checkpoint.
+
+A manifest names the shared-memory arenas holding the storages, where each storage lies
+in them, the checkpoint's structure (named tensors, the pickle to rebuild from) and the
+lease that keeps the arenas alive. It travels as JSON; this module is its one definition,
+used by both ends.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckptd.formats import CheckpointError, Format, Layout, StorageRecord, TensorEntry
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``'bfloat16'``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``'bfloat16'`` → ``torch.bfloat16`` (looked up among torch's dtypes only)."""
+    found = getattr(torch, name, None)
+    if not isinstance(found, torch.dtype):
+        raise CheckpointError("<manifest>", f"unknown dtype {name!r}")
+    return found
+
+
+@dataclass(frozen=True)
+class ArenaInfo:
+    """One shared-memory arena: a file the client maps copy-on-write."""
+
+    id: str
+    path: str
+    nbytes: int
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one storage's bytes lie: ``nbytes`` at ``offset`` in arena ``arena``."""
+
+    key: str
+    arena: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded checkpoint as a client sees it."""
+
+    checkpoint: str
+    path: str
+    layout: Layout
+    arenas: tuple[ArenaInfo, ...]
+    placements: tuple[Placement, ...]
+    lease: str
+    lease_ttl: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body the daemon sends."""
+        return {
+            "checkpoint": self.checkpoint,
+            "path": self.path,
+            "layout": layout_to_json(self.layout),
+            "arenas": [vars(a) for a in self.arenas],
+            "placements": [vars(p) for p in self.placements],
+            "lease": self.lease,
+            "lease_ttl": self.lease_ttl,
+        }
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Manifest:
+        """Parse what :meth:`to_json` produced; a malformed body is a :class:`CheckpointError`."""
+        try:
+            return cls(
+                checkpoint=str(body["checkpoint"]),
+                path=str(body["path"]),
+                layout=layout_from_json(body["layout"]),
+                arenas=tuple(ArenaInfo(**a) for a in body["arenas"]),
+                placements=tuple(Placement(**p) for p in body["placements"]),
+                lease=str(body["lease"]),
+                lease_ttl=float(body["lease_ttl"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError("<manifest>", f"malformed manifest from the daemon ({exc!r})") from exc
+
+
+def layout_to_json(layout: Layout) -> dict[str, Any]:
+    """A :class:`Layout` as JSON (the pickle base64-encoded)."""
+    return {
+        "name": layout.name,
+        "format": layout.format.value,
+        "size": layout.size,
+        "byteorder": layout.byteorder,
+        "pickle": base64.b64encode(layout.pickle).decode() if layout.pickle is not None else None,
+        "storages": [
+            [r.key, dtype_name(r.dtype), r.numel, r.location, r.offset, r.nbytes] for r in layout.storages.values()
+        ],
+        "tensors": [_tensor_to_json(t) for t in layout.tensors],
+    }
+
+
+def _tensor_to_json(t: TensorEntry) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "path": list(t.path),
+        "storage_keys": list(t.storage_keys),
+        "dtype": dtype_name(t.dtype),
+        "shape": list(t.shape),
+        "stride": list(t.stride) if t.stride is not None else None,
+        "storage_offset": t.storage_offset,
+        "location": t.location,
+        "kind": t.kind,
+    }
+
+
+def layout_from_json(body: Mapping[str, Any]) -> Layout:
+    """The inverse of :func:`layout_to_json`."""
+    storages = {
+        key: StorageRecord(key, dtype_from_name(dtype), numel, location, offset, nbytes)
+        for key, dtype, numel, location, offset, nbytes in body["storages"]
+    }
+    tensors = tuple(
+        TensorEntry(
+            t["name"],
+            tuple(t["path"]),
+            tuple(t["storage_keys"]),
+            dtype_from_name(t["dtype"]),
+            tuple(t["shape"]),
+            tuple(t["stride"]) if t["stride"] is not None else None,
+            t["storage_offset"],
+            t["location"],
+            t["kind"],
+        )
+        for t in body["tensors"]
+    )
+    pickle = base64.b64decode(body["pickle"]) if body["pickle"] is not None else None
+    return Layout(
+        body["name"], Format(body["format"]), body["size"], storages, tensors, pickle, body["byteorder"]
+    )
