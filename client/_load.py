@@ -8,6 +8,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -76,18 +77,13 @@ def load(
     >>> ckptd.load(buf.getvalue())
     {'w': tensor([1., 1.])}
     """
-    weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module)
-    if pickle_load_args and weights_only:
-        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
-    pickle_load_args.setdefault("encoding", "utf-8")
-    mmap = _default_mmap() if mmap is None else mmap
-    request = _Request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
+    request = make_request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)
     with open_source(f) as source:
-        layout = _read_layout(source, weights_only)
+        layout = _read_layout(source, request.weights_only)
         if layout.format is Format.TORCHSCRIPT:
-            return _torchscript_via_load(f, source, map_location, weights_only)
+            return _torchscript_via_load(f, source, map_location, request.weights_only)
         if request.mmap:
             _check_mmap(f, layout)
         return _load_layout(source, layout, request, tensor_name, prefix, select)
@@ -115,24 +111,32 @@ def _read_layout(source: Source, weights_only: bool) -> Layout:
         raise exc
 
 
-class _Request:
-    """The options of one load, resolved once and passed down."""
+@dataclass(frozen=True)
+class Request:
+    """The options of one load, resolved once (torch.load's rules) and passed down."""
 
-    def __init__(
-        self,
-        map_location: MapLocation,
-        pickle_module: ModuleType,
-        weights_only: bool,
-        mmap: bool,
-        progress: Progress | None,
-        pickle_load_args: dict[str, Any],
-    ) -> None:
-        self.map_location = map_location
-        self.pickle_module = pickle_module
-        self.weights_only = weights_only
-        self.mmap = mmap
-        self.progress = progress
-        self.pickle_load_args = pickle_load_args
+    map_location: MapLocation
+    pickle_module: ModuleType
+    weights_only: bool
+    mmap: bool
+    progress: Progress | None
+    pickle_load_args: dict[str, Any]
+
+
+def make_request(
+    map_location: MapLocation,
+    pickle_module: ModuleType | None,
+    weights_only: bool | None,
+    mmap: bool | None,
+    progress: Progress | None,
+    pickle_load_args: dict[str, Any],
+) -> Request:
+    """Resolve torch.load's options as torch does: defaults, environment, warnings, checks."""
+    weights_only, module = _resolve_weights_only(weights_only, pickle_module)
+    if pickle_load_args and weights_only:
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=3)
+    args = {"encoding": "utf-8", **pickle_load_args}
+    return Request(map_location, module, weights_only, _default_mmap() if mmap is None else mmap, progress, args)
 
 
 def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType | None) -> tuple[bool, ModuleType]:
@@ -154,7 +158,7 @@ def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType |
             "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
             "`weights_only` argument was not explicitly passed to `torch.load`, forcing weights_only=False.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         weights_only = False
     if weights_only:
@@ -176,18 +180,23 @@ def _default_mmap() -> bool:
 def _load_layout(
     source: Source,
     layout: Layout,
-    request: _Request,
+    request: Request,
     tensor_name: str | None,
     prefix: str | None,
     select: Select,
 ) -> Any:
-    wanted = _wanted_entries(layout, tensor_name, prefix, select)
-    keys = list(layout.storages) if wanted is None else _keys_of(wanted)
+    wanted = wanted_entries(layout, tensor_name, prefix, select)
+    keys = list(layout.storages) if wanted is None else keys_of(wanted)
     if layout.format is Format.SAFETENSORS:
         _check_safetensors_map_location(request.map_location)
     storages = read_storages(
         source, layout, keys, request.map_location, mmap=request.mmap, progress=request.progress, wait=False
     )
+    return rebuild(layout, storages, request, tensor_name is not None, wanted)
+
+
+def rebuild(layout: Layout, storages: StorageSet, request: Request, single: bool, wanted: list[TensorEntry] | None) -> Any:
+    """The object torch.load would return, around ``storages``; the selected part of it if asked."""
     try:  # the object is rebuilt while the storages' bytes arrive
         if layout.format is Format.SAFETENSORS:
             obj: Any = _safetensors_dict(layout, storages)
@@ -195,15 +204,14 @@ def _load_layout(
             obj = unpickle(layout, storages, request.pickle_module, request.weights_only, request.pickle_load_args)
     finally:
         storages.wait()
-    if tensor_name is not None:
-        assert wanted is not None
+    if wanted is None:
+        return obj
+    if single:
         return extract(obj, wanted[0])
-    if wanted is not None:
-        return {entry.name: extract(obj, entry) for entry in wanted}
-    return obj
+    return {entry.name: extract(obj, entry) for entry in wanted}
 
 
-def _wanted_entries(layout: Layout, tensor_name: str | None, prefix: str | None, select: Select) -> list[TensorEntry] | None:
+def wanted_entries(layout: Layout, tensor_name: str | None, prefix: str | None, select: Select) -> list[TensorEntry] | None:
     if tensor_name is not None and select is not None:
         raise UsageError("pass either tensor_name= or select=, not both")
     entries = layout.tensor_map()
@@ -214,7 +222,7 @@ def _wanted_entries(layout: Layout, tensor_name: str | None, prefix: str | None,
     return None
 
 
-def _keys_of(entries: list[TensorEntry]) -> list[str]:
+def keys_of(entries: list[TensorEntry]) -> list[str]:
     return list(dict.fromkeys(key for entry in entries for key in entry.storage_keys))
 
 
@@ -271,7 +279,7 @@ def _torchscript_via_load(f: FileLike, source: Source, map_location: MapLocation
     return jit_load_source(f, source, map_location, None)
 
 
-def _load_sharded(path: str, request: _Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
+def _load_sharded(path: str, request: Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
     """A Hugging Face sharded checkpoint, loaded shard by shard into one state dict."""
     index = read_sharded_index(path)
     names = list(index.weight_map)

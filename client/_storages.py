@@ -98,12 +98,15 @@ def read_storages(
     mmap: bool = False,
     progress: Callable[[int], None] | None = None,
     wait: bool = True,
+    allocator: Callable[[torch.device, int], Arena] = allocate,
+    keep_open: bool = False,
 ) -> StorageSet:
     """Read the storages named by ``keys`` straight to their devices.
 
     Arenas are allocated and views handed out at once; with ``wait=False`` the bytes
     arrive in the background (call :meth:`StorageSet.wait` before using them), so the
-    object can be unpickled while the disk is read.
+    object can be unpickled while the disk is read. ``allocator`` makes the arenas (the
+    daemon's are named shared-memory files); ``keep_open`` keeps their descriptors.
 
     >>> import io
     >>> from ckptd.formats import open_source, read_layout
@@ -121,7 +124,7 @@ def read_storages(
         jobs: list[tuple[Arena, list[Copy]]] = []
     else:
         groups = _group_by_device(records, map_location, swap)
-        jobs = [_place_group(device, group, result) for device, group in groups.items()]
+        jobs = [_place_group(allocator(device, _span(group)), group, result) for device, group in groups.items()]
     swapped = [r for r in records if swap and r.key in result.views and result.views[r.key].device.type == "cpu"]
 
     def finish() -> None:
@@ -129,7 +132,8 @@ def read_storages(
             try:
                 fill(source, arena, copies, progress=progress)
             finally:
-                arena.close()  # tensors keep the mapping; the descriptor is not needed in-process
+                if not keep_open:
+                    arena.close()  # tensors keep the mapping; the descriptor is not needed in-process
         for record in swapped:
             result.views[record.key].byteswap(record.dtype)
 
@@ -157,15 +161,25 @@ def _group_by_device(
     return groups
 
 
-def _place_group(device: torch.device, records: list[StorageRecord], result: StorageSet) -> tuple[Arena, list[Copy]]:
-    """Lay the storages out at aligned offsets in one new arena; return what to copy where."""
+def _offsets(records: list[StorageRecord]) -> list[int]:
+    """Each storage's offset in its arena: in order, each at a 64-byte boundary."""
     offsets: list[int] = []
     total = 0
     for record in records:
         total = align(total)
         offsets.append(total)
         total += record.nbytes
-    arena = allocate(device, total)
+    return offsets
+
+
+def _span(records: list[StorageRecord]) -> int:
+    """Bytes an arena needs for ``records`` laid out by :func:`_offsets`."""
+    return _offsets(records)[-1] + records[-1].nbytes if records else 0
+
+
+def _place_group(arena: Arena, records: list[StorageRecord], result: StorageSet) -> tuple[Arena, list[Copy]]:
+    """Hand out each storage's view of the arena; return what to copy where."""
+    offsets = _offsets(records)
     result.arenas.append(arena)
     for record, offset in zip(records, offsets):
         result.views[record.key] = arena.view(offset, record.nbytes)
