@@ -2,7 +2,9 @@
 
 The public surface is small: :func:`load` (torch.load's contract, plus selective
 loading), :func:`jit_load` (torch.jit.load's), :func:`inspect` (a checkpoint's tensors
-without reading them) and the exception tree rooted at :class:`CkptdError`.
+without reading them), :class:`Client` (the same through the daemon's shared cache) and
+the exception tree rooted at :class:`CkptdError`. ``load(..., server=url)`` or the
+``CKPTD_URL`` environment variable send ``load`` and ``jit_load`` through the daemon.
 
 >>> import io, torch, ckptd
 >>> buf = io.BytesIO(); torch.save({"w": torch.zeros(3)}, buf)
@@ -12,12 +14,20 @@ tensor([0., 0., 0.])
 
 from __future__ import annotations
 
+from ._client import Client
 from ._exceptions import (
+    AuthenticationError,
+    CheckpointBusyError,
     CheckpointError,
     CheckpointNotFoundError,
     CkptdError,
+    DaemonError,
+    DaemonNotRunningError,
     DeviceError,
+    LeaseLostError,
     NotSeekableError,
+    OverBudgetError,
+    PathNotAllowedError,
     TensorNotFoundError,
     UnpicklingError,
     UnsupportedFormatError,
@@ -30,11 +40,19 @@ from ._load import load
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
+    "CheckpointBusyError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CkptdError",
+    "Client",
+    "DaemonError",
+    "DaemonNotRunningError",
     "DeviceError",
+    "LeaseLostError",
     "NotSeekableError",
+    "OverBudgetError",
+    "PathNotAllowedError",
     "TensorNotFoundError",
     "UnpicklingError",
     "UnsupportedFormatError",

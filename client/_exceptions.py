@@ -11,7 +11,14 @@ instance of that type, so ``except RuntimeError`` written for torch.load keeps w
     ├── TensorNotFoundError             a selected name is absent; lists near matches (also LookupError)
     ├── DeviceError                     a map_location target that does not exist (also RuntimeError)
     ├── UnpicklingError                 weights_only refused a global (also pickle.UnpicklingError)
-    └── UsageError                      arguments that do not fit together (also ValueError, RuntimeError)
+    ├── UsageError                      arguments that do not fit together (also ValueError, RuntimeError)
+    └── DaemonError                     the daemon refused or could not serve a request
+        ├── DaemonNotRunningError       nothing listens at the URL; the message says how to start it
+        ├── AuthenticationError         missing or wrong token (also PermissionError)
+        ├── PathNotAllowedError         the path resolves outside the daemon's roots (also PermissionError)
+        ├── OverBudgetError             the checkpoint does not fit the memory budget (also MemoryError)
+        ├── CheckpointBusyError         eviction refused: clients hold leases on it
+        └── LeaseLostError              the lease expired or was released
 
 Foreign errors are converted where they enter, with ``raise ... from exc``.
 """
@@ -39,12 +46,47 @@ class UsageError(CkptdError, ValueError, RuntimeError):
     """Arguments that cannot be used together (torch.load raises ValueError or RuntimeError here)."""
 
 
+class DaemonError(CkptdError):
+    """The daemon refused a request or could not serve it."""
+
+
+class DaemonNotRunningError(DaemonError, ConnectionError):
+    """Nothing answers at the daemon's URL."""
+
+
+class AuthenticationError(DaemonError, PermissionError):
+    """The daemon wants a token this client did not send, or sent wrong."""
+
+
+class PathNotAllowedError(DaemonError, PermissionError):
+    """The checkpoint path resolves outside every root the daemon serves."""
+
+
+class OverBudgetError(DaemonError, MemoryError):
+    """The checkpoint does not fit the daemon's memory budget, even after evicting what it may."""
+
+
+class CheckpointBusyError(DaemonError):
+    """The checkpoint cannot be evicted: clients hold leases on it."""
+
+
+class LeaseLostError(DaemonError):
+    """The lease is gone (expired or released); its arenas may be evicted."""
+
+
 __all__ = [
+    "AuthenticationError",
+    "CheckpointBusyError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CkptdError",
+    "DaemonError",
+    "DaemonNotRunningError",
     "DeviceError",
+    "LeaseLostError",
     "NotSeekableError",
+    "OverBudgetError",
+    "PathNotAllowedError",
     "TensorNotFoundError",
     "UnpicklingError",
     "UnsupportedFormatError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,13 +20,19 @@ from ckptd.formats import CheckpointError, FileLike, Format, Layout, Source, Ten
 from ._placement import MapLocation
 from ._storages import read_storages
 
+Provider = Callable[[torch.device, list[str]], dict[str, torch.UntypedStorage]]
+
 
 def jit_load(
     f: FileLike,
     map_location: MapLocation = None,
     _extra_files: dict[str, Any] | None = None,
+    *,
+    server: str | None = None,
 ) -> torch.jit.ScriptModule:
     """Load a TorchScript archive as :func:`torch.jit.load` does, tensors in ckptd's arenas.
+
+    ``server`` (default: ``$CKPTD_URL``) takes the tensors from a daemon's shared cache.
 
     >>> import io, torch, ckptd
     >>> buf = io.BytesIO(); torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buf)
@@ -33,6 +40,11 @@ def jit_load(
     >>> module(torch.ones(1, 2)).shape
     torch.Size([1, 2])
     """
+    server = server or os.environ.get("CKPTD_URL")
+    if server:
+        from ._client import shared_client
+
+        return shared_client(server).jit_load(f, map_location, _extra_files)
     with open_source(f) as source:
         return jit_load_source(f, source, map_location, _extra_files)
 
@@ -60,17 +72,28 @@ def _for_torch(f: FileLike, start: int) -> Any:
 
 
 def _adopt_tensors(module: torch.jit.ScriptModule, layout: Layout, source: Source) -> None:
-    """Point each named tensor of the module at arena memory on the tensor's own device."""
-    targets = [(entry, _attribute(module, entry)) for entry in layout.tensors]
+    def read(device: torch.device, keys: list[str]) -> dict[str, torch.UntypedStorage]:
+        storages = read_storages(source, layout, keys, str(device))
+        return {key: storages.get(key, str(device)) for key in keys}
+
+    adopt_tensors(module, layout, read)
+
+
+def adopt_tensors(module: torch.jit.ScriptModule, layout: Layout, provide: Provider) -> None:
+    """Point each named tensor of the module at storages ``provide(device, keys)`` hands out.
+
+    The storages are asked for on each tensor's own device, so the module stays where
+    torch.jit.load's ``map_location`` put it.
+    """
     # Plain tensors only: anything rebuilt another way (quantized, subclasses) stays torch's.
+    targets = [(entry, _attribute(module, entry)) for entry in layout.tensors]
     targets = [(e, t) for e, t in targets if isinstance(t, torch.Tensor) and e.kind == "_rebuild_tensor_v2"]
     by_device: dict[torch.device, list[str]] = {}
     for entry, tensor in targets:
         by_device.setdefault(tensor.device, []).extend(entry.storage_keys)
     views: dict[str, torch.UntypedStorage] = {}
     for device, keys in by_device.items():
-        storages = read_storages(source, layout, list(dict.fromkeys(keys)), str(device))
-        views.update({key: storages.get(key, str(device)) for key in dict.fromkeys(keys)})
+        views.update(provide(device, list(dict.fromkeys(keys))))
     with torch.no_grad():
         for entry, tensor in targets:
             tensor.data = _rebuild(entry, views[entry.storage_keys[0]], tensor)

@@ -60,6 +60,7 @@ def load(
     prefix: str | None = None,
     select: Select = None,
     progress: Progress | None = None,
+    server: str | None = None,
     **pickle_load_args: Any,
 ) -> Any:
     """Load a checkpoint exactly as :func:`torch.load` would, storages read straight into arenas.
@@ -71,12 +72,22 @@ def load(
     tensor, ``select`` (a list of names, or one name start) a dict of them; either reads
     only the storages they need. ``prefix`` is a module-name component saved names may
     lack. ``progress`` is called with each chunk's byte count while storages are read.
+    ``server`` (default: ``$CKPTD_URL``) loads through a daemon's shared cache instead of
+    in this process (see :class:`ckptd.Client`).
 
     >>> import io, torch, ckptd
     >>> buf = io.BytesIO(); torch.save({"w": torch.ones(2)}, buf)
     >>> ckptd.load(buf.getvalue())
     {'w': tensor([1., 1.])}
     """
+    server = server or os.environ.get("CKPTD_URL")
+    if server:
+        from ._client import shared_client
+
+        return shared_client(server).load(
+            f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
+            tensor_name=tensor_name, prefix=prefix, select=select, **pickle_load_args,
+        )
     request = make_request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)

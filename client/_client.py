@@ -1,0 +1,327 @@
+"""``ckptd.Client``: load checkpoints from the daemon's shared cache.
+
+The daemon reads each checkpoint once into shared-memory arenas; a client asks for a
+manifest (where every storage lies, the pickle to rebuild from, a lease), maps the
+arenas copy-on-write (each arena once per process), and rebuilds the object with the
+same code as the embedded engine. Leases are renewed in the background and released
+when the client closes, when the last tensor of a load is garbage-collected, or at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from types import ModuleType, TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import torch
+
+from ckptd.formats import FileLike, Format
+from ckptd.gpu import map_arena
+
+from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
+from ._load import keys_of, make_request, rebuild, wanted_entries
+from ._manifest import Manifest
+from ._placement import MapLocation, restore, target_tag
+from ._select import Select
+from ._storages import StorageSet
+from ._wire import error_from
+
+logger = logging.getLogger(__name__)
+
+
+def default_socket() -> str:
+    """The daemon's default Unix socket: ``$XDG_RUNTIME_DIR/ckptd.sock``, else ``/tmp/ckptd-<uid>/ckptd.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "ckptd.sock")
+    return f"/tmp/ckptd-{os.getuid()}/ckptd.sock"
+
+
+def default_url() -> str:
+    """``$CKPTD_URL``, else the default socket as a ``unix://`` URL."""
+    return os.environ.get("CKPTD_URL") or f"unix://{default_socket()}"
+
+
+class Client:
+    """A connection to a ckptd daemon; a context manager.
+
+    ``url`` is ``unix:///absolute/path.sock`` or ``http://host:port`` (default:
+    ``$CKPTD_URL``, else the default socket); ``token`` defaults to ``$CKPTD_TOKEN``.
+
+    >>> with Client("unix:///tmp/ckptd-doc/none.sock") as client:  # doctest: +SKIP
+    ...     state = client.load("/models/llama.pt", map_location="cpu")
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, timeout: float = 600.0) -> None:
+        self.url = url or default_url()
+        token = token if token is not None else os.environ.get("CKPTD_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        transport, base = _transport(self.url)
+        self._http = httpx.Client(transport=transport, base_url=base, headers=headers, timeout=timeout)
+        self._mappings: dict[str, weakref.ref[Any]] = {}
+        self._lock = threading.Lock()
+        self._leases = _LeaseKeeper(self)
+
+    # --- loading --------------------------------------------------------------------
+
+    def load(
+        self,
+        f: FileLike,
+        map_location: MapLocation = None,
+        pickle_module: ModuleType | None = None,
+        *,
+        weights_only: bool | None = None,
+        mmap: bool | None = None,
+        tensor_name: str | None = None,
+        prefix: str | None = None,
+        select: Select = None,
+        **pickle_load_args: Any,
+    ) -> Any:
+        """:func:`ckptd.load` through the daemon: same arguments, same result, shared memory.
+
+        ``f`` must be a path the daemon can open (it resolves it against its roots).
+        ``mmap`` is accepted for torch.load compatibility: the arenas are mapped anyway.
+        A callable ``map_location`` is applied here, once per storage, to the shared CPU storage.
+        """
+        request = make_request(map_location, pickle_module, weights_only, mmap, None, pickle_load_args)
+        manifest = self._manifest(f, map_location, tensor_name, prefix, select)
+        layout = manifest.layout
+        if layout.format is Format.TORCHSCRIPT:
+            self._release(manifest.lease)
+            raise UsageError(f"{manifest.path} is a TorchScript archive: load it with Client.jit_load")
+        wanted = wanted_entries(layout, tensor_name, prefix, select)
+        keys = list(layout.storages) if wanted is None else keys_of(wanted)
+        storages = StorageSet(layout, request.map_location, frozenset(keys), views=self._views(manifest))
+        return self._hold(manifest, lambda: rebuild(layout, storages, request, tensor_name is not None, wanted))
+
+    def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
+        """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""
+        from ._jit import adopt_tensors
+
+        manifest = self._manifest(f, None, None, None, None)
+        views = self._views(manifest)
+
+        def build() -> Any:
+            module = torch.jit.load(manifest.path, map_location=map_location, _extra_files=_extra_files)
+            adopt_tensors(module, manifest.layout, lambda device, keys: {k: _place(views[k], device) for k in keys})
+            return module
+
+        return self._hold(manifest, build)
+
+    def _manifest(self, f: FileLike, map_location: MapLocation, tensor_name: str | None, prefix: str | None, select: Select) -> Manifest:
+        if not isinstance(f, (str, os.PathLike)):
+            raise UsageError("the daemon loads checkpoints by path; pass a path, or load this one embedded with ckptd.load")
+        body = {
+            "path": os.path.abspath(os.fspath(f)),
+            "map_location": _json_map_location(map_location),
+            "tensor_name": tensor_name,
+            "prefix": prefix,
+            "select": list(select) if select is not None and not isinstance(select, str) else select,
+        }
+        return Manifest.from_json(self._request("POST", "/v1/load", json=body))
+
+    def _views(self, manifest: Manifest) -> dict[str, torch.UntypedStorage]:
+        """Each storage of the manifest as a view of its arena, mapping each arena once per process."""
+        arenas = {info.id: self._map(info.id, info.path, info.nbytes) for info in manifest.arenas}
+        return {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
+
+    def _map(self, arena_id: str, path: str, nbytes: int) -> torch.UntypedStorage:
+        with self._lock:
+            ref = self._mappings.get(arena_id)
+            mapping = ref() if ref else None
+            if mapping is None:
+                storage, mapping = map_arena(path, nbytes)
+                self._mappings[arena_id] = weakref.ref(mapping)
+                weakref.finalize(mapping, self._leases.arena_gone, arena_id)
+                return storage
+        return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
+
+    def _hold(self, manifest: Manifest, build: Any) -> Any:
+        """Build the result, then keep its lease until its arenas are unmapped."""
+        try:
+            result = build()
+        except BaseException:
+            self._release(manifest.lease)
+            raise
+        self._leases.set_interval(manifest.lease_ttl)
+        self._leases.hold(manifest.lease, {info.id for info in manifest.arenas}, self._alive_arenas())
+        return result
+
+    def _alive_arenas(self) -> set[str]:
+        with self._lock:
+            return {arena_id for arena_id, ref in self._mappings.items() if ref() is not None}
+
+    # --- cache administration -------------------------------------------------------
+
+    def prefetch(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Make a checkpoint resident in the daemon with no client attached."""
+        return dict(self._request("POST", "/v1/prefetch", json={"path": os.path.abspath(os.fspath(path))}))
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Every checkpoint the daemon holds (path, identity, bytes per device, leases, hits, last use)."""
+        return list(self._request("GET", "/v1/checkpoints"))
+
+    def evict(self, ident: str) -> dict[str, Any]:
+        """Evict a checkpoint by id or path (refused while leases hold it)."""
+        if os.path.exists(ident):
+            ident = os.path.abspath(ident)
+        return dict(self._request("DELETE", "/v1/checkpoints", params={"ident": ident}))
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's totals: resident bytes and budgets per device, leases, hits, misses, evictions."""
+        return dict(self._request("GET", "/v1/stats"))
+
+    def renew(self, lease: str) -> None:
+        """Renew one lease now (the background keeper does this on its own)."""
+        self._request("POST", f"/v1/leases/{lease}/renew")
+
+    def _release(self, lease: str) -> None:
+        try:
+            self._request("DELETE", f"/v1/leases/{lease}")
+        except (DaemonError, httpx.HTTPError) as exc:
+            logger.debug("releasing lease %s failed: %s", lease, exc)
+
+    def close(self) -> None:
+        """Release every lease and close the connection (tensors stay valid: they are mapped)."""
+        self._leases.stop()
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- transport --------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
+            raise DaemonNotRunningError(_not_running(self.url)) from exc
+        if response.status_code == 204:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.is_error:
+            raise error_from(response.status_code, body)
+        return body
+
+
+class _LeaseKeeper:
+    """Renews held leases in the background; releases each once its arenas are all unmapped."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._held: dict[str, set[str]] = {}  # lease -> arena ids still mapped
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._interval = 10.0
+        atexit.register(self.stop)
+
+    def hold(self, lease: str, arenas: set[str], alive: set[str]) -> None:
+        """Keep ``lease`` while any of ``arenas`` is mapped here."""
+        live = arenas & alive
+        if not live:
+            self._client._release(lease)
+            return
+        with self._lock:
+            self._held[lease] = live
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ckptd-leases", daemon=True)
+                self._thread.start()
+
+    def arena_gone(self, arena_id: str) -> None:
+        """A mapping was garbage-collected: release the leases that no longer map anything."""
+        with self._lock:
+            for arenas in self._held.values():
+                arenas.discard(arena_id)
+            done = [lease for lease, arenas in self._held.items() if not arenas]
+            for lease in done:
+                del self._held[lease]
+        for lease in done:
+            self._client._release(lease)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                leases = list(self._held)
+            for lease in leases:
+                self._renew(lease)
+
+    def _renew(self, lease: str) -> None:
+        try:
+            self._client.renew(lease)
+        except DaemonError as exc:
+            logger.warning("lease %s could not be renewed: %s", lease, exc)
+        except httpx.HTTPError as exc:
+            logger.warning("lease %s could not be renewed: %s", lease, exc)
+
+    def set_interval(self, ttl: float) -> None:
+        """Renew three times per TTL."""
+        self._interval = max(0.05, ttl / 3)
+
+    def stop(self) -> None:
+        """Stop renewing and release every held lease (close, exit)."""
+        self._stop.set()
+        with self._lock:
+            leases, self._held = list(self._held), {}
+        for lease in leases:
+            self._client._release(lease)
+
+
+def _place(view: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:
+    return view if device.type == "cpu" else restore(view, str(device))
+
+
+def _json_map_location(map_location: MapLocation) -> str | dict[str, str] | None:
+    """The form of ``map_location`` that travels; a callable stays here (applied by the client)."""
+    if map_location is None:
+        return None
+    if isinstance(map_location, Mapping):
+        return {str(k): str(v) for k, v in map_location.items()}
+    return target_tag(map_location, "cpu")  # None for a callable
+
+
+def _transport(url: str) -> tuple[httpx.HTTPTransport, str]:
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        if not parsed.path.startswith("/"):
+            raise UsageError(f"{url}: a unix URL needs an absolute socket path (unix:///run/ckptd.sock)")
+        return httpx.HTTPTransport(uds=parsed.path), "http://ckptd"
+    if parsed.scheme in ("http", "https") and parsed.netloc:
+        return httpx.HTTPTransport(), url.rstrip("/")
+    raise UsageError(f"{url}: expected unix:///path/to.sock or http://host:port")
+
+
+def _not_running(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        start = f"ckptd serve --socket {parsed.path} --root /path/to/checkpoints"
+    else:
+        start = f"ckptd serve --host {parsed.hostname} --port {parsed.port} --token-file TOKEN --root /path/to/checkpoints"
+    return f"no ckptd daemon answers at {url}; start one with `{start}`"
+
+
+_clients: dict[str, Client] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client(url: str) -> Client:
+    """One :class:`Client` per URL per process, for ``ckptd.load(..., server=url)``."""
+    with _clients_lock:
+        client = _clients.get(url)
+        if client is None:
+            client = _clients[url] = Client(url)
+        return client
+

@@ -1,0 +1,442 @@
+"""The daemon's checkpoint cache: storages resident in shared memory, shared by every client.
+
+A cached checkpoint (an *entry*) is identified by its resolved path's
+``(st_dev, st_ino, st_size, st_mtime_ns)``, checked at every load, so a replaced file is
+a new entry and never served stale. Its storages live in named shared-memory arenas that
+clients map copy-on-write. Loads of one entry are single-flight: the first reads what is
+missing while the others wait on the entry's lock, then find it resident. Under the host
+budget, least recently used entries that no lease holds are evicted; a load that cannot
+fit fails with :class:`OverBudgetError` instead of exhausting memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ckptd._exceptions import (
+    CheckpointBusyError,
+    OverBudgetError,
+    PathNotAllowedError,
+    UnsupportedFormatError,
+    UsageError,
+)
+from ckptd._load import keys_of, wanted_entries
+from ckptd._manifest import ArenaInfo, Manifest, Placement
+from ckptd._placement import target_tag
+from ckptd._select import Select
+from ckptd._storages import read_storages
+from ckptd.formats import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    Format,
+    Layout,
+    is_sharded_index,
+    open_source,
+    read_layout,
+)
+from ckptd.gpu import Arena, shm_arena
+
+from ._leases import LeaseTable
+
+logger = logging.getLogger(__name__)
+
+Identity = tuple[int, int, int, int]
+_CPU = torch.device("cpu")
+
+
+class CacheSettings(Protocol):
+    """The settings the cache reads (a subset of the daemon's :class:`Settings`)."""
+
+    @property
+    def roots(self) -> Sequence[Path]: ...
+    @property
+    def host_budget(self) -> int: ...
+    @property
+    def shm_dir(self) -> Path: ...
+    @property
+    def lease_ttl(self) -> float: ...
+
+
+class CacheMetrics(Protocol):
+    """What the cache reports (the daemon's Prometheus :class:`Metrics`)."""
+
+    def read(self, nbytes: int) -> None: ...
+    def hit(self) -> None: ...
+    def miss(self) -> None: ...
+    def evicted(self) -> None: ...
+    def observe_load(self, seconds: float) -> None: ...
+    def set_resident(self, device: str, nbytes: int) -> None: ...
+    def set_leases(self, n: int) -> None: ...
+    def set_budget(self, device: str, nbytes: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One cached checkpoint, as ``ckptd ls`` shows it."""
+
+    id: str
+    path: str
+    identity: Identity
+    format: str
+    resident_bytes: dict[str, int]
+    storages_resident: int
+    storages_total: int
+    leases: int
+    hits: int
+    misses: int
+    last_used: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {**vars(self), "identity": list(self.identity)}
+
+
+@dataclass(eq=False)
+class _Entry:
+    id: str
+    path: str
+    identity: Identity
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    layout: Layout | None = None
+    arenas: dict[str, Arena] = field(default_factory=dict)
+    placements: dict[str, Placement] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+    last_used: float = field(default_factory=time.time)
+    stale: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(arena.nbytes for arena in self.arenas.values())
+
+
+class Cache:
+    """Checkpoints resident in shared memory, handed out under leases.
+
+    >>> import tempfile, types
+    >>> root = tempfile.mkdtemp()
+    >>> settings = types.SimpleNamespace(roots=[Path(root)], host_budget=1 << 30, shm_dir=Path(root), lease_ttl=30.0)
+    >>> cache = Cache(settings, metrics=None)
+    >>> cache.checkpoints()
+    []
+    """
+
+    def __init__(self, settings: CacheSettings, metrics: CacheMetrics | None) -> None:
+        self._roots = [Path(os.path.realpath(root)) for root in settings.roots]
+        self._budget = settings.host_budget
+        self._shm_dir = str(settings.shm_dir)
+        self._metrics = metrics
+        self.leases = LeaseTable(settings.lease_ttl)
+        self._entries: dict[str, _Entry] = {}
+        self._current: dict[str, str] = {}  # resolved path -> id of the entry serving it
+        self._reserved = 0  # bytes being read right now, already counted against the budget
+        self._evictions = 0
+        self._lock = threading.RLock()
+        if metrics:
+            metrics.set_budget("cpu", self._budget)
+
+    # --- requests -------------------------------------------------------------------
+
+    def load(
+        self,
+        path: str,
+        *,
+        map_location: str | dict[str, str] | None = None,
+        tensor_name: str | None = None,
+        prefix: str | None = None,
+        select: Select = None,
+    ) -> Manifest:
+        """Make the requested storages resident; return where they are, under a new lease.
+
+        ``map_location`` is checked for form; storages are kept in host memory and the
+        client places them (the GPU tier is the device layer's to add).
+        """
+        _check_map_location(map_location)
+        started = time.perf_counter()
+        entry = self._entry_for(path)
+        with entry.lock:
+            layout = self._layout(entry)
+            if tensor_name is not None and select is not None:
+                select = None  # tensor_name wins, as in the client
+            wanted = wanted_entries(layout, tensor_name, prefix, select)
+            keys = list(layout.storages) if wanted is None else keys_of(wanted)
+            self._make_resident(entry, layout, keys)
+            lease = self.leases.create(entry.id)
+            manifest = self._manifest(entry, layout, keys, lease.id)
+        self._observe(started)
+        return manifest
+
+    def prefetch(self, path: str) -> CheckpointInfo:
+        """Make every storage of ``path`` resident, with no lease (the next load is a hit)."""
+        entry = self._entry_for(path)
+        with entry.lock:
+            layout = self._layout(entry)
+            self._make_resident(entry, layout, list(layout.storages))
+        return self._info(entry)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every cached checkpoint, most recently used first."""
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.last_used, reverse=True)
+        return [self._info(entry) for entry in entries]
+
+    def evict(self, ident: str) -> CheckpointInfo:
+        """Drop a checkpoint (by id or path) that no lease holds."""
+        with self._lock:
+            entry = self._entries.get(ident) or self._entries.get(self._current.get(os.path.realpath(ident), ""))
+            if entry is None:
+                raise CheckpointNotFoundError(ident, "is not cached (see `ckptd ls`)")
+            info = self._info(entry)
+            if info.leases:
+                raise CheckpointBusyError(f"{entry.path}: {info.leases} lease(s) hold it; it is evicted once released")
+            self._drop(entry)
+            self._evictions += 1
+        if self._metrics:
+            self._metrics.evicted()
+        return info
+
+    def renew(self, lease: str) -> float:
+        """Extend a lease; :class:`LeaseLostError` if it is gone."""
+        return self.leases.renew(lease)
+
+    def release(self, lease: str) -> None:
+        """Drop a lease (idempotent); a replaced checkpoint goes once its last lease does."""
+        checkpoint = self.leases.release(lease)
+        if checkpoint is not None:
+            self._forget_if_stale(checkpoint)
+        self._report()
+
+    def reap(self) -> int:
+        """Expire overdue leases (clients that died); returns how many."""
+        expired = self.leases.reap()
+        for lease in expired:
+            logger.info("lease %s on %s expired", lease.id, lease.checkpoint)
+            self._forget_if_stale(lease.checkpoint)
+        if expired:
+            self._report()
+        return len(expired)
+
+    def stats(self) -> dict[str, object]:
+        """Totals for ``ckptd stats`` and ``/v1/stats``."""
+        with self._lock:
+            entries = list(self._entries.values())
+            resident = sum(e.nbytes for e in entries)
+        return {
+            "checkpoints": len(entries),
+            "resident_bytes": {"cpu": resident},
+            "budget_bytes": {"cpu": self._budget},
+            "leases": self.leases.total(),
+            "hits": sum(e.hits for e in entries),
+            "misses": sum(e.misses for e in entries),
+            "evictions": self._evictions,
+            "gpu_sharing": "none (host memory only)",
+        }
+
+    def close(self) -> None:
+        """Free every arena (daemon shutdown); clients that mapped them keep their pages."""
+        with self._lock:
+            for entry in list(self._entries.values()):
+                self.leases.drop_checkpoint(entry.id)
+                self._drop(entry)
+
+    # --- entries --------------------------------------------------------------------
+
+    def _entry_for(self, path: str) -> _Entry:
+        real, identity = self._resolve(path)
+        with self._lock:
+            current = self._entries.get(self._current.get(real, ""))
+            if current is not None and current.identity == identity:
+                current.last_used = time.time()
+                return current
+            if current is not None:
+                logger.info("%s changed on disk; the cached copy is retired", real)
+                current.stale = True
+                del self._current[real]
+                self._forget_if_stale(current.id)
+            entry = _Entry(_entry_id(real, identity), real, identity)
+            self._entries[entry.id] = entry
+            self._current[real] = entry.id
+            return entry
+
+    def _resolve(self, path: str) -> tuple[str, Identity]:
+        """The real path (symlinks and ``..`` resolved), checked against the roots, and its identity."""
+        real = os.path.realpath(path)
+        if not any(Path(real).is_relative_to(root) for root in self._roots):
+            roots = ", ".join(map(str, self._roots))
+            raise PathNotAllowedError(f"{path} resolves to {real}, outside the daemon's roots ({roots})")
+        if is_sharded_index(real):
+            raise UnsupportedFormatError(real, "sharded checkpoints go through the daemon shard by shard")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(path, "no such file") from exc
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot stat: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(path, "is not a regular file")
+        return real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _layout(self, entry: _Entry) -> Layout:
+        if entry.layout is None:
+            with open_source(entry.path) as source:
+                entry.layout = read_layout(source)
+        return entry.layout
+
+    def _make_resident(self, entry: _Entry, layout: Layout, keys: list[str]) -> None:
+        missing = [k for k in keys if k not in entry.placements and layout.storages[k].nbytes]
+        if not missing:
+            entry.hits += 1
+            if self._metrics:
+                self._metrics.hit()
+            return
+        entry.misses += 1
+        need = sum(layout.storages[k].nbytes for k in missing) + 64 * len(missing)
+        self._reserve(need, entry)
+        try:
+            self._read(entry, layout, missing)
+        finally:
+            with self._lock:
+                self._reserved -= need
+        self._report()
+
+    def _read(self, entry: _Entry, layout: Layout, keys: list[str]) -> None:
+        """Read ``keys`` into one new arena; record where each storage landed."""
+        with open_source(entry.path) as source:
+            self._check_unchanged(entry, source.fileno())
+            storages = read_storages(
+                source, layout, keys, "cpu", allocator=lambda _device, n: shm_arena(n, self._shm_dir)
+            )
+        for arena in storages.arenas:  # one: every storage goes to host memory
+            arena_id = os.path.basename(arena.path or "")
+            entry.arenas[arena_id] = arena
+            base = arena.storage.data_ptr()
+            for key, view in storages.views.items():
+                entry.placements[key] = Placement(key, arena_id, view.data_ptr() - base, view.nbytes())
+        nbytes = sum(layout.storages[k].nbytes for k in keys)
+        if self._metrics:
+            self._metrics.miss()
+            self._metrics.read(nbytes)
+        logger.info("read %d storages (%d bytes) of %s", len(keys), nbytes, entry.path)
+
+    def _check_unchanged(self, entry: _Entry, fd: int | None) -> None:
+        """The file opened must still be the one identified (it may be replaced at any time)."""
+        if fd is None:
+            return
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != entry.identity:
+            raise CheckpointError(entry.path, "changed while being loaded; retry the load")
+
+    def _manifest(self, entry: _Entry, layout: Layout, keys: list[str], lease: str) -> Manifest:
+        placements = tuple(entry.placements[k] for k in keys if k in entry.placements)
+        used = {p.arena for p in placements}
+        arenas = tuple(
+            ArenaInfo(arena_id, arena.path or "", arena.nbytes) for arena_id, arena in entry.arenas.items() if arena_id in used
+        )
+        return Manifest(entry.id, entry.path, layout, arenas, placements, lease, self.leases.ttl)
+
+    # --- budget and eviction ----------------------------------------------------------
+
+    def _reserve(self, nbytes: int, loading: _Entry) -> None:
+        """Count ``nbytes`` against the budget, evicting unleased entries (LRU first) to fit."""
+        with self._lock:
+            while self._resident() + self._reserved + nbytes > self._budget:
+                victim = self._lru_victim(loading)
+                if victim is None:
+                    raise OverBudgetError(self._over_budget_message(nbytes, loading))
+                logger.info("evicting %s (%d bytes) to make room", victim.path, victim.nbytes)
+                self._drop(victim)
+                self._evictions += 1
+                if self._metrics:
+                    self._metrics.evicted()
+            self._reserved += nbytes
+
+    def _lru_victim(self, loading: _Entry) -> _Entry | None:
+        candidates = [
+            e for e in self._entries.values() if e is not loading and e.arenas and not self.leases.count(e.id) and not e.lock.locked()
+        ]
+        return min(candidates, key=lambda e: e.last_used, default=None)
+
+    def _over_budget_message(self, nbytes: int, loading: _Entry) -> str:
+        held = sum(e.nbytes for e in self._entries.values() if self.leases.count(e.id))
+        return (
+            f"{loading.path}: needs {nbytes} more bytes of host memory; the host budget is {self._budget} bytes, "
+            f"{self._resident()} resident ({held} held by leases). Release leases, evict checkpoints "
+            "(`ckptd evict`), or start the daemon with a larger --host-budget."
+        )
+
+    def _resident(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def _forget_if_stale(self, checkpoint: str) -> None:
+        with self._lock:
+            entry = self._entries.get(checkpoint)
+            if entry is not None and entry.stale and not self.leases.count(entry.id):
+                self._drop(entry)
+
+    def _drop(self, entry: _Entry) -> None:
+        """Unlink the entry's arenas (clients' mappings stay valid) and forget it."""
+        for arena in entry.arenas.values():
+            arena.unlink()
+            arena.close()
+        entry.arenas.clear()
+        entry.placements.clear()
+        self._entries.pop(entry.id, None)
+        if self._current.get(entry.path) == entry.id:
+            del self._current[entry.path]
+        self._report()
+
+    # --- reporting --------------------------------------------------------------------
+
+    def _info(self, entry: _Entry) -> CheckpointInfo:
+        layout = entry.layout
+        return CheckpointInfo(
+            id=entry.id,
+            path=entry.path,
+            identity=entry.identity,
+            format=layout.format.value if layout else Format.TORCH_ZIP.value,
+            resident_bytes={"cpu": entry.nbytes},
+            storages_resident=len(entry.placements),
+            storages_total=len(layout.storages) if layout else 0,
+            leases=self.leases.count(entry.id),
+            hits=entry.hits,
+            misses=entry.misses,
+            last_used=entry.last_used,
+        )
+
+    def _observe(self, started: float) -> None:
+        if self._metrics:
+            self._metrics.observe_load(time.perf_counter() - started)
+            self._metrics.set_leases(self.leases.total())
+
+    def _report(self) -> None:
+        if self._metrics:
+            with self._lock:
+                resident = self._resident()
+            self._metrics.set_resident("cpu", resident)
+            self._metrics.set_leases(self.leases.total())
+
+
+def _entry_id(path: str, identity: Identity) -> str:
+    return hashlib.sha256(f"{path}\0{identity}".encode()).hexdigest()[:12]
+
+
+def _check_map_location(map_location: object) -> None:
+    """Only the JSON forms travel: a device string or a dict of location tags."""
+    if map_location is None or isinstance(map_location, str):
+        if isinstance(map_location, str):
+            target_tag(map_location, "cpu")
+        return
+    if isinstance(map_location, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in map_location.items()):
+        return
+    raise UsageError("map_location must be a device string or a dict of location tags when sent to the daemon")
