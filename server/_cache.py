@@ -11,13 +11,14 @@ fit fails with :class:`OverBudgetError` instead of exhausting memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,7 +166,7 @@ class Cache:
         _check_map_location(map_location)
         started = time.perf_counter()
         entry = self._entry_for(path)
-        with entry.lock:
+        with entry.lock, self._forget_on_failure(entry):
             layout = self._layout(entry)
             if tensor_name is not None and select is not None:
                 select = None  # tensor_name wins, as in the client
@@ -180,7 +181,7 @@ class Cache:
     def prefetch(self, path: str) -> CheckpointInfo:
         """Make every storage of ``path`` resident, with no lease (the next load is a hit)."""
         entry = self._entry_for(path)
-        with entry.lock:
+        with entry.lock, self._forget_on_failure(entry):
             layout = self._layout(entry)
             self._make_resident(entry, layout, list(layout.storages))
         return self._info(entry)
@@ -269,6 +270,17 @@ class Cache:
             self._current[real] = entry.id
             return entry
 
+    @contextlib.contextmanager
+    def _forget_on_failure(self, entry: _Entry) -> Iterator[None]:
+        """A load that fails leaves no trace: an entry it created holding nothing is dropped."""
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                if not entry.arenas and not self.leases.count(entry.id):
+                    self._drop(entry)
+            raise
+
     def _resolve(self, path: str) -> tuple[str, Identity]:
         """The real path (symlinks and ``..`` resolved), checked against the roots, and its identity."""
         real = os.path.realpath(path)
@@ -312,11 +324,21 @@ class Cache:
 
     def _read(self, entry: _Entry, layout: Layout, keys: list[str]) -> None:
         """Read ``keys`` into one new arena; record where each storage landed."""
-        with open_source(entry.path) as source:
-            self._check_unchanged(entry, source.fileno())
-            storages = read_storages(
-                source, layout, keys, "cpu", allocator=lambda _device, n: shm_arena(n, self._shm_dir)
-            )
+        created: list[Arena] = []
+
+        def allocate(_device: torch.device, nbytes: int) -> Arena:
+            created.append(shm_arena(nbytes, self._shm_dir))
+            return created[-1]
+
+        try:
+            with open_source(entry.path) as source:
+                self._check_unchanged(entry, source.fileno())
+                storages = read_storages(source, layout, keys, "cpu", allocator=allocate)
+        except BaseException:
+            for arena in created:  # a failed read leaves no file behind in shared memory
+                arena.unlink()
+                arena.close()
+            raise
         for arena in storages.arenas:  # one: every storage goes to host memory
             arena_id = os.path.basename(arena.path or "")
             entry.arenas[arena_id] = arena

@@ -1,0 +1,200 @@
+"""The daemon's cache in-process: identity, single flight, budgets, leases, roots."""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptd
+from ckptd._manifest import Manifest
+from ckptd.server._cache import Cache
+
+MB = 1 << 20
+
+
+def _settings(root: Path, *, budget: int = 64 * MB, ttl: float = 30.0) -> types.SimpleNamespace:
+    shm = root / "shm"
+    shm.mkdir(exist_ok=True)
+    return types.SimpleNamespace(roots=[root], host_budget=budget, shm_dir=shm, lease_ttl=ttl)
+
+
+def _save(path: Path, mb: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layer{i}": torch.randn(MB // 4, generator=g) for i in range(mb)}
+    torch.save(sd, path)
+    return sd
+
+
+def _arena_bytes(manifest: Manifest, key: str) -> bytes:
+    placement = next(p for p in manifest.placements if p.key == key)
+    arena = next(a for a in manifest.arenas if a.id == placement.arena)
+    with open(arena.path, "rb") as f:
+        f.seek(placement.offset)
+        return f.read(placement.nbytes)
+
+
+def test_storages_land_in_owner_only_shared_memory(tmp_path: Path) -> None:
+    sd = _save(tmp_path / "m.pt", 2)
+    manifest = Cache(_settings(tmp_path), None).load(str(tmp_path / "m.pt"))
+    for arena in manifest.arenas:
+        assert os.stat(arena.path).st_mode & 0o777 == 0o600
+    layout = manifest.layout
+    for entry in layout.tensors:
+        assert _arena_bytes(manifest, entry.storage_keys[0]) == sd[entry.name].numpy().tobytes()
+
+
+def test_second_load_is_a_hit_and_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _save(tmp_path / "m.pt", 2)
+    cache = Cache(_settings(tmp_path), None)
+    first = cache.load(str(tmp_path / "m.pt"))
+    calls: list[int] = []
+    real = os.sendfile
+    monkeypatch.setattr(os, "sendfile", lambda *a: calls.append(a[3]) or real(*a))
+    second = cache.load(str(tmp_path / "m.pt"))
+    assert calls == [] and second.arenas == first.arenas and second.lease != first.lease
+    (info,) = cache.checkpoints()
+    assert (info.hits, info.misses, info.leases) == (1, 1, 2)
+
+
+def test_concurrent_loads_read_the_disk_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _save(tmp_path / "m.pt", 8)
+    cache = Cache(_settings(tmp_path), None)
+    sent: list[int] = []
+    real = os.sendfile
+    monkeypatch.setattr(os, "sendfile", lambda *a: sent.append(real(*a)) or sent[-1])
+    start = threading.Barrier(6)
+    results: list[Manifest] = []
+
+    def load() -> None:
+        start.wait()
+        results.append(cache.load(str(tmp_path / "m.pt")))
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and len({r.arenas for r in results}) == 1
+    assert sum(sent) == 8 * MB  # every storage byte once
+
+
+def test_selective_load_reads_only_what_it_needs_then_tops_up(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", 4)
+    cache = Cache(_settings(tmp_path), None)
+    one = cache.load(str(tmp_path / "m.pt"), tensor_name="layer2")
+    assert [p.nbytes for p in one.placements] == [MB]
+    assert cache.checkpoints()[0].resident_bytes["cpu"] < 2 * MB
+    everything = cache.load(str(tmp_path / "m.pt"))
+    assert len(everything.placements) == 4 and cache.checkpoints()[0].resident_bytes["cpu"] < 5 * MB
+
+
+def test_a_replaced_file_is_a_new_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    _save(path, 1, seed=1)
+    cache = Cache(_settings(tmp_path), None)
+    old = cache.load(str(path))
+    new_sd = _save(path, 1, seed=2)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))
+    new = cache.load(str(path))
+    assert new.checkpoint != old.checkpoint
+    assert _arena_bytes(new, "0") == new_sd["layer0"].numpy().tobytes()
+    assert os.path.exists(old.arenas[0].path)  # leased: kept for the client that maps it
+    cache.release(old.lease)
+    assert not os.path.exists(old.arenas[0].path)
+    assert [c.id for c in cache.checkpoints()] == [new.checkpoint]
+
+
+def test_lru_eviction_under_the_budget_spares_leased_checkpoints(tmp_path: Path) -> None:
+    for name in "abc":
+        _save(tmp_path / f"{name}.pt", 4)
+    cache = Cache(_settings(tmp_path, budget=9 * MB), None)
+    a = cache.load(str(tmp_path / "a.pt"))
+    b = cache.load(str(tmp_path / "b.pt"))
+    cache.release(b.lease)
+    cache.load(str(tmp_path / "c.pt"))  # must evict b (unleased), never a (leased)
+    paths = {Path(c.path).name for c in cache.checkpoints()}
+    assert paths == {"a.pt", "c.pt"} and cache.stats()["evictions"] == 1
+    assert os.path.exists(a.arenas[0].path)
+
+
+def test_over_budget_is_a_clear_error_and_nothing_changes(tmp_path: Path) -> None:
+    _save(tmp_path / "a.pt", 4)
+    _save(tmp_path / "big.pt", 8)
+    cache = Cache(_settings(tmp_path, budget=10 * MB), None)
+    cache.load(str(tmp_path / "a.pt"))
+    with pytest.raises(ckptd.OverBudgetError, match="host-budget"):
+        cache.load(str(tmp_path / "big.pt"))
+    assert cache.stats()["resident_bytes"] == {"cpu": cache.checkpoints()[0].resident_bytes["cpu"]}
+    assert len(list((tmp_path / "shm").iterdir())) == 1
+
+
+def test_expired_leases_are_reaped(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", 1)
+    cache = Cache(_settings(tmp_path, ttl=30.0), None)
+    now = [0.0]
+    cache.leases._clock = lambda: now[0]
+    lease = cache.load(str(tmp_path / "m.pt")).lease
+    now[0] = 29.0
+    assert cache.reap() == 0 and cache.renew(lease) == 30.0
+    now[0] = 60.0
+    assert cache.reap() == 1
+    with pytest.raises(ckptd.LeaseLostError):
+        cache.renew(lease)
+    assert cache.checkpoints()[0].leases == 0
+
+
+def test_evict_refuses_leased_and_frees_unleased(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", 1)
+    cache = Cache(_settings(tmp_path), None)
+    manifest = cache.load(str(tmp_path / "m.pt"))
+    with pytest.raises(ckptd.CheckpointBusyError):
+        cache.evict(manifest.checkpoint)
+    cache.release(manifest.lease)
+    assert cache.evict(str(tmp_path / "m.pt")).id == manifest.checkpoint
+    assert cache.checkpoints() == [] and not os.path.exists(manifest.arenas[0].path)
+    with pytest.raises(ckptd.CheckpointNotFoundError):
+        cache.evict(manifest.checkpoint)
+
+
+def test_paths_outside_the_roots_are_refused_before_opening(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    _save(outside / "m.pt", 1)
+    (root / "link.pt").symlink_to(outside / "m.pt")
+    cache = Cache(_settings(root), None)
+    for path in (outside / "m.pt", root / "link.pt", root / ".." / "outside" / "m.pt"):
+        with pytest.raises(ckptd.PathNotAllowedError, match="outside the daemon's roots"):
+            cache.load(str(path))
+    with pytest.raises(ckptd.CheckpointNotFoundError):
+        cache.load(str(root / "missing.pt"))
+    (root / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ckptd.CheckpointError, match="bad.pt"):
+        cache.load(str(root / "bad.pt"))
+    assert cache.checkpoints() == []
+
+
+def test_close_unlinks_every_arena(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", 1)
+    cache = Cache(_settings(tmp_path), None)
+    cache.load(str(tmp_path / "m.pt"))
+    cache.close()
+    assert list((tmp_path / "shm").iterdir()) == []
+
+
+def test_a_file_truncated_under_the_daemon_leaves_nothing_behind(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    _save(path, 4)
+    cache = Cache(_settings(tmp_path), None)
+    layout_first = cache.load(str(path), tensor_name="layer0")  # layout now cached, identity recorded
+    cache.release(layout_first.lease)
+    with open(path, "r+b") as f:  # same inode, shorter: the identity check catches it
+        f.truncate(os.path.getsize(path) - 2 * MB)
+    with pytest.raises(ckptd.CheckpointError):
+        cache.load(str(path))
+    assert len(list((tmp_path / "shm").iterdir())) <= 1
