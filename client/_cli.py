@@ -1,4 +1,10 @@
-"""The ``ckptd`` command line: ``ckptd inspect FILE`` and ``ckptd load FILE``.
+"""The ``ckptd`` command line: ``inspect``, ``load``, the daemon (``serve``) and its admin
+commands (``ls``, ``stats``, ``prefetch``, ``evict``).
+
+``ckptd serve`` prints ``ckptd: serving on unix:///path/to.sock`` (followed by
+`` and http://host:port`` when TCP is on) to stdout once its sockets listen, then runs
+until SIGTERM or SIGINT and exits 0 after a clean shutdown. The admin commands talk to a
+running daemon (``--url``, default ``$CKPTD_URL`` or the default socket).
 
 This module is the only place in ckptd that prints. Expected failures (any
 :class:`ckptd.CkptdError`, or the operating system refusing a file) print
@@ -12,7 +18,9 @@ ckptd ...
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -277,6 +285,197 @@ def _render_load(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------
+
+
+def ready_line(urls: Sequence[str]) -> str:
+    """The line ``ckptd serve`` prints once it listens.
+
+    >>> ready_line(["unix:///tmp/ck/ckptd.sock", "http://127.0.0.1:8750"])
+    'ckptd: serving on unix:///tmp/ck/ckptd.sock and http://127.0.0.1:8750'
+    """
+    return "ckptd: serving on " + " and ".join(urls)
+
+
+def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (None: not given, so the environment decides)."""
+    return {
+        "socket": args.socket,
+        "roots": args.roots,
+        "host": args.host,
+        "port": args.port,
+        "token_file": args.token_file,
+        "allow_insecure_tcp": args.allow_insecure_tcp,
+        "host_budget": args.host_budget,
+        "shm_dir": args.shm_dir,
+        "lease_ttl": args.lease_ttl,
+        "log_level": args.log_level,
+    }
+
+
+def _configure_logging(level: str) -> None:
+    numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="ckptd: %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd serve --socket PATH --root DIR ...``: run the daemon until SIGTERM/SIGINT."""
+    server_api = importlib.import_module("ckptd.server")  # the daemon's stack only when serving
+    settings = server_api.load_settings(**_serve_flags(args))
+    _configure_logging(settings.log_level)
+
+    def announce(urls: list[str]) -> None:
+        print(ready_line(urls), file=out, flush=True)
+
+    server_api.Server(settings, on_ready=announce).serve()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Daemon administration: ls, stats, prefetch, evict
+# ---------------------------------------------------------------------------------------
+
+_LS_HEADERS = ("ID", "PATH", "FORMAT", "RESIDENT", "LEASES", "HITS", "LAST USED")
+
+
+def ago(seconds: float) -> str:
+    """A duration as a short "time ago".
+
+    >>> ago(4.2), ago(95), ago(7300), ago(3 * 86400)
+    ('4s ago', '1m ago', '2h ago', '3d ago')
+    """
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def resident_text(per_device: dict[str, int]) -> str:
+    """Resident bytes per device, human-readable (the device named only when not just the CPU).
+
+    >>> resident_text({"cpu": 1536 * 1024}), resident_text({"cpu": 0, "cuda:0": 2048})
+    ('1.5 MiB', 'cpu 0 B, cuda:0 2.0 KiB')
+    """
+    if set(per_device) <= {"cpu"}:
+        return human_bytes(per_device.get("cpu", 0))
+    return ", ".join(f"{device} {human_bytes(n)}" for device, n in sorted(per_device.items()))
+
+
+def render_checkpoints(infos: Sequence[dict[str, Any]], now: float) -> str:
+    """The ``ckptd ls`` table.
+
+    >>> info = {"id": "ab12", "path": "/m/a.pt", "format": "torch_zip", "resident_bytes": {"cpu": 2048},
+    ...         "leases": 1, "hits": 3, "last_used": 100.0}
+    >>> print(render_checkpoints([info], now=160.0))
+    ID    PATH     FORMAT     RESIDENT  LEASES  HITS  LAST USED
+    ab12  /m/a.pt  torch_zip   2.0 KiB       1     3  1m ago
+    """
+    if not infos:
+        return "(no checkpoints cached)"
+    rows = [_LS_HEADERS] + [_checkpoint_row(info, now) for info in infos]
+    return "\n".join(render_table(rows, [False, False, False, True, True, True, False]))
+
+
+def _checkpoint_row(info: dict[str, Any], now: float) -> tuple[str, ...]:
+    return (
+        str(info.get("id", "")),
+        str(info.get("path", "")),
+        str(info.get("format", "")),
+        resident_text(dict(info.get("resident_bytes") or {})),
+        str(info.get("leases", 0)),
+        str(info.get("hits", 0)),
+        ago(now - float(info.get("last_used", now))),
+    )
+
+
+def render_stats(stats: dict[str, Any]) -> str:
+    """The ``ckptd stats`` report: one ``key: value`` line each, byte counts human-readable.
+
+    >>> print(render_stats({"checkpoints": 2, "resident_bytes": {"cpu": 3 << 30}, "uptime_s": 12.5}))
+    checkpoints:    2
+    resident_bytes: 3.0 GiB
+    uptime_s:       12.5
+    """
+    width = max((len(key) for key in stats), default=0) + 1
+    return "\n".join(f"{key + ':':<{width}} {_stat_value(key, value)}" for key, value in stats.items())
+
+
+def _stat_value(key: str, value: Any) -> str:
+    if key.endswith("_bytes") and isinstance(value, dict):
+        return resident_text(value) if value else "none"
+    if key.endswith("_bytes") and isinstance(value, int):
+        return human_bytes(value)
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def render_info(verb: str, info: dict[str, Any]) -> str:
+    """One line about a checkpoint ``ckptd prefetch`` or ``ckptd evict`` acted on.
+
+    >>> render_info("evicted", {"id": "ab12", "path": "/m/a.pt", "resident_bytes": {"cpu": 1024},
+    ...                         "storages_resident": 2, "storages_total": 2})
+    'evicted /m/a.pt (id ab12): 1.0 KiB resident, 2/2 storages'
+    """
+    return (
+        f"{verb} {info.get('path')} (id {info.get('id')}): "
+        f"{resident_text(dict(info.get('resident_bytes') or {}))} resident, "
+        f"{info.get('storages_resident', 0)}/{info.get('storages_total', 0)} storages"
+    )
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path``, surrounding whitespace stripped (an empty file is a UsageError)."""
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ckptd.UsageError(f"{path}: the token file is empty")
+    return token
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from ._client import Client  # httpx only when talking to a daemon
+
+    token = read_token_file(args.token_file) if args.token_file else None
+    return Client(args.url, token=token)
+
+
+def _emit(args: argparse.Namespace, out: TextIO, data: Any, text: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else text, file=out)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd ls``: the checkpoints a running daemon holds."""
+    with _client(args) as client:
+        infos = client.checkpoints()
+    return _emit(args, out, infos, render_checkpoints(infos, time.time()))
+
+
+def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd stats``: a running daemon's totals."""
+    with _client(args) as client:
+        stats = client.stats()
+    return _emit(args, out, stats, render_stats(stats))
+
+
+def cmd_prefetch(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd prefetch PATH``: make a checkpoint resident in the daemon."""
+    with _client(args) as client:
+        info = client.prefetch(args.file)
+    return _emit(args, out, info, render_info("prefetched", info))
+
+
+def cmd_evict(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd evict ID|PATH``: drop a checkpoint no lease holds."""
+    with _client(args) as client:
+        info = client.evict(args.ident)
+    return _emit(args, out, info, render_info("evicted", info))
+
+
+# ---------------------------------------------------------------------------------------
 # Parser and entry point
 # ---------------------------------------------------------------------------------------
 
@@ -287,11 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     >>> build_parser().parse_args(["inspect", "m.pt", "--json"]).json
     True
     """
-    parser = argparse.ArgumentParser(prog="ckptd", description="Inspect and load PyTorch checkpoints.")
+    parser = argparse.ArgumentParser(prog="ckptd", description="Inspect and load PyTorch checkpoints; run and administer the ckptd daemon.")
     parser.add_argument("--version", action="version", version=f"ckptd {ckptd.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_inspect(commands)
     _add_load(commands)
+    _add_serve(commands)
+    _add_admin(commands)
     return parser
 
 
@@ -321,6 +522,40 @@ def _add_load(commands: Any) -> None:
     sub.set_defaults(handler=cmd_load)
 
 
+def _add_serve(commands: Any) -> None:
+    sub = commands.add_parser("serve", help="run the daemon (flags override CKPTD_* variables)")
+    sub.add_argument("--socket", metavar="PATH", help="Unix socket (default: $XDG_RUNTIME_DIR/ckptd.sock)")
+    sub.add_argument("--root", dest="roots", action="append", metavar="DIR",
+                     help="directory the daemon may load from (repeatable; CKPTD_ROOTS=dir1:dir2)")
+    sub.add_argument("--host", metavar="H", help="TCP host (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, metavar="P", help="also listen on TCP (needs --token-file)")
+    sub.add_argument("--token-file", metavar="F", help="owner-only file holding the bearer token")
+    sub.add_argument("--allow-insecure-tcp", action="store_true", default=None, help="allow TCP without a token")
+    sub.add_argument("--host-budget", metavar="SIZE", help="host memory budget: bytes, 16GiB, 500MB or 75%% (default 50%%)")
+    sub.add_argument("--shm-dir", metavar="D", help="where CPU arenas live (default /dev/shm)")
+    sub.add_argument("--lease-ttl", type=float, metavar="S", help="seconds a lease lives unrenewed (default 30)")
+    sub.add_argument("--log-level", metavar="LEVEL", help="critical, error, warning, info (default), debug, trace")
+    sub.set_defaults(handler=cmd_serve)
+
+
+def _add_admin(commands: Any) -> None:
+    for name, handler, help_text in (
+        ("ls", cmd_ls, "list the checkpoints a running daemon holds"),
+        ("stats", cmd_stats, "a running daemon's totals"),
+        ("prefetch", cmd_prefetch, "make a checkpoint resident in a running daemon"),
+        ("evict", cmd_evict, "evict a checkpoint (by id or path) from a running daemon"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        if name == "prefetch":
+            sub.add_argument("file", metavar="PATH", help="checkpoint path (under one of the daemon's roots)")
+        if name == "evict":
+            sub.add_argument("ident", metavar="ID|PATH", help="checkpoint id (see `ckptd ls`) or path")
+        sub.add_argument("--url", help="daemon URL: unix:///path.sock or http://host:port (default: $CKPTD_URL)")
+        sub.add_argument("--token-file", metavar="F", help="file holding the daemon's token (default: $CKPTD_TOKEN)")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.set_defaults(handler=handler)
+
+
 def _error_message(exc: BaseException, file: str | None) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, ckptd.CkptdError) and exc.filename is None and file:
         return f"{file}: {exc.strerror or exc}"
@@ -343,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ckptd.CkptdError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             return _broken_pipe()
-        print(f"ckptd: error: {_error_message(exc, args.file)}", file=sys.stderr)
+        print(f"ckptd: error: {_error_message(exc, getattr(args, 'file', None))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

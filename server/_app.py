@@ -1,0 +1,343 @@
+"""The daemon's HTTP API (FastAPI), versioned under ``/v1``; OpenAPI at ``/openapi.json``, ``/docs``.
+
+=====================================  ===============================================
+route                                  answer
+=====================================  ===============================================
+``POST /v1/load``                      the manifest (arenas, placements, layout, lease)
+``POST /v1/prefetch``                  the checkpoint's info (resident, no lease)
+``POST /v1/leases/{lease}/renew``      ``{"lease", "expires_in"}``
+``DELETE /v1/leases/{lease}``          204 (idempotent)
+``GET /v1/checkpoints``                every cached checkpoint's info
+``DELETE /v1/checkpoints?ident=``      the evicted checkpoint's info (id or path)
+``GET /v1/stats``                      cache totals, version, uptime, endpoints
+``GET /healthz``                       ``{"status": "ok"}``, never authenticated
+``GET /metrics``                       Prometheus text exposition
+=====================================  ===============================================
+
+**Auth.** When the daemon has a token, every route but ``/healthz`` (``/metrics``,
+``/openapi.json`` and ``/docs`` included) needs ``Authorization: Bearer <token>``;
+anything else is 401 ``AuthenticationError``. **Errors** have one shape,
+``{"error": {"type": "<ckptd exception>", "message": "..."}}``, with the status of
+``ckptd._wire.STATUS``: a malformed body is 422 ``UsageError``, a body over
+``max_body_bytes`` 413 ``UsageError``.
+
+The cache's calls block on disk, so the routes are plain ``def``: FastAPI runs them in
+its thread pool. Nothing here touches CUDA.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import ckptd
+from ckptd._exceptions import AuthenticationError, CkptdError, DaemonError, UsageError
+from ckptd._wire import error_body, status_for
+
+from ._config import Settings
+from ._metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+# ---------------------------------------------------------------------------------------
+# What the app needs from the cache
+# ---------------------------------------------------------------------------------------
+
+
+class JsonReady(Protocol):
+    """A result the cache returns (a Manifest, a CheckpointInfo)."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class CacheService(Protocol):
+    """The part of :class:`ckptd.server._cache.Cache` the HTTP layer calls."""
+
+    def load(
+        self,
+        path: str,
+        *,
+        map_location: str | dict[str, str] | None = None,
+        tensor_name: str | None = None,
+        prefix: str | None = None,
+        select: str | list[str] | None = None,
+    ) -> JsonReady: ...
+    def prefetch(self, path: str) -> JsonReady: ...
+    def checkpoints(self) -> list[Any]: ...
+    def evict(self, ident: str) -> JsonReady: ...
+    def renew(self, lease: str) -> float: ...
+    def release(self, lease: str) -> None: ...
+    def stats(self) -> dict[str, object]: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------------------
+
+
+class LoadRequest(BaseModel):
+    """``POST /v1/load``: what to load, and how (``ckptd.load``'s selective arguments)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    map_location: str | dict[str, str] | None = None
+    tensor_name: str | None = None
+    prefix: str | None = None
+    select: str | list[str] | None = None
+
+
+class PrefetchRequest(BaseModel):
+    """``POST /v1/prefetch``: a checkpoint to make resident with no lease."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+
+
+# ---------------------------------------------------------------------------------------
+# Error responses
+# ---------------------------------------------------------------------------------------
+
+
+def error_response(exc: CkptdError, status: int | None = None) -> JSONResponse:
+    """The JSON error response for ``exc`` (its wire status unless ``status`` is given).
+
+    >>> error_response(AuthenticationError("no token")).status_code
+    401
+    """
+    status = status_for(exc) if status is None else status
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """Pydantic's complaints as one line: ``body.path: Field required; ...``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CkptdError)
+    async def ckptd_error(request: Request, exc: CkptdError) -> JSONResponse:
+        status = status_for(exc)
+        log = logger.error if status >= 500 else logger.info
+        log("%s %s -> %d %s: %s", request.method, request.url.path, status, type(exc).__name__, exc)
+        return error_response(exc, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(UsageError(describe_validation(exc)), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 204 or exc.status_code < 400:
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        error = UsageError(str(exc.detail)) if exc.status_code < 500 else DaemonError(str(exc.detail))
+        return error_response(error, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return error_response(DaemonError(f"internal error ({type(exc).__name__}); see the daemon's log"), 500)
+
+
+# ---------------------------------------------------------------------------------------
+# Middleware: bearer token, body size
+# ---------------------------------------------------------------------------------------
+
+
+class TokenAuth:
+    """ASGI middleware: every HTTP request but :data:`OPEN_PATHS` must carry the bearer token."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await error_response(AuthenticationError("missing or wrong token (send Authorization: Bearer <token>)"))(
+            scope, receive, send
+        )
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        scheme, _, presented = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), self._token)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse (413) request bodies over ``limit`` bytes, declared or streamed.
+
+    The body is read whole before the app runs (it is at most ``limit`` bytes), so a
+    chunked upload over the limit is refused without the app seeing any of it.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            await error_response(UsageError("invalid Content-Length"), 400)(scope, receive, send)
+            return
+        if declared is not None and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        body = await self._read(receive)
+        if body is None:
+            await self._too_large(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it passes the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)  # disconnected: the app finds out when it reads
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = UsageError(f"request body over {self.limit} bytes (the daemon's max_body_bytes)")
+        await error_response(error, 413)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+# ---------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------
+
+
+def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> FastAPI:
+    """The daemon's FastAPI app around ``cache``; no global state.
+
+    ``app.state.tcp`` is the TCP URL ``/v1/stats`` reports (the server sets the bound one).
+
+    >>> import tempfile, types
+    >>> root = tempfile.mkdtemp()
+    >>> settings = Settings(roots=[root], shm_dir=root, socket="/tmp/ckdoc/d.sock")
+    >>> app = create_app(types.SimpleNamespace(), settings, Metrics())
+    >>> sorted(r.path for r in app.routes if r.path.startswith("/v1/"))[:3]
+    ['/v1/checkpoints', '/v1/checkpoints', '/v1/leases/{lease}']
+    """
+    app = FastAPI(
+        title="ckptd",
+        version=ckptd.__version__,
+        description="PyTorch checkpoints loaded once, kept resident in shared memory, served under leases.",
+    )
+    app.state.started = time.monotonic()
+    app.state.tcp = settings.tcp_url
+    _install_error_handlers(app)
+    _add_load_routes(app, cache)
+    _add_admin_routes(app, cache, settings)
+    _add_probe_routes(app, metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    token = settings.token
+    if token is not None:
+        app.add_middleware(TokenAuth, token=token)  # outermost: refuse before reading any body
+    return app
+
+
+def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
+    @app.post("/v1/load", tags=["load"], summary="Load a checkpoint: its manifest, under a new lease")
+    def load(request: LoadRequest) -> JSONResponse:
+        manifest = cache.load(
+            request.path,
+            map_location=request.map_location,
+            tensor_name=request.tensor_name,
+            prefix=request.prefix,
+            select=request.select,
+        )
+        return JSONResponse(manifest.to_json())
+
+    @app.post("/v1/leases/{lease}/renew", tags=["load"], summary="Extend a lease")
+    def renew(lease: str) -> dict[str, Any]:
+        return {"lease": lease, "expires_in": cache.renew(lease)}
+
+    @app.delete("/v1/leases/{lease}", tags=["load"], status_code=204, summary="Release a lease (idempotent)")
+    def release(lease: str) -> Response:
+        cache.release(lease)
+        return Response(status_code=204)
+
+
+def _add_admin_routes(app: FastAPI, cache: CacheService, settings: Settings) -> None:
+    @app.post("/v1/prefetch", tags=["cache"], summary="Make a checkpoint resident (no lease)")
+    def prefetch(request: PrefetchRequest) -> JSONResponse:
+        return JSONResponse(cache.prefetch(request.path).to_json())
+
+    @app.get("/v1/checkpoints", tags=["cache"], summary="Every cached checkpoint")
+    def checkpoints() -> JSONResponse:
+        return JSONResponse([info.to_json() for info in cache.checkpoints()])
+
+    @app.delete("/v1/checkpoints", tags=["cache"], summary="Evict a checkpoint by id or path")
+    def evict(ident: str) -> JSONResponse:
+        return JSONResponse(cache.evict(ident).to_json())
+
+    @app.get("/v1/stats", tags=["cache"], summary="Cache totals and daemon facts")
+    def stats(request: Request) -> JSONResponse:
+        body = dict(cache.stats())
+        body.update(
+            version=ckptd.__version__,
+            uptime_s=round(time.monotonic() - request.app.state.started, 3),
+            socket=str(settings.socket),
+            tcp=request.app.state.tcp,
+        )
+        return JSONResponse(body)
+
+
+def _add_probe_routes(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/healthz", tags=["probes"], summary="Liveness (never needs the token)")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics (needs the token when one is set)")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,288 @@
+"""The daemon process: the sockets it binds, uvicorn serving the app, the lease reaper.
+
+The Unix socket is the daemon's own: its directory is created owner-only when missing,
+a stale socket file (nothing answers) is replaced, a live one makes :meth:`Server.serve`
+refuse to start, and it is ``chmod 0600`` before ``listen`` so no other user can connect.
+TCP is off unless a port is set, and refused without a token unless
+``allow_insecure_tcp``. SIGTERM and SIGINT shut the daemon down cleanly: it stops
+accepting, finishes the requests in flight, frees every arena and removes its socket.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from ckptd._exceptions import DaemonError, UsageError
+
+from ._app import create_app
+from ._cache import Cache
+from ._config import Settings
+from ._metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+OnReady = Callable[[list[str]], None]
+BACKLOG = 2048
+GRACEFUL_SHUTDOWN_S = 10.0
+
+
+class Server:
+    """One daemon: ``Server(settings).serve()`` blocks until SIGTERM/SIGINT (or :meth:`stop`).
+
+    ``on_ready(urls)`` is called once every socket listens, with ``unix:///path`` first
+    and ``http://host:port`` (the bound port) when TCP is on.
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> server = Server(Settings(roots=[root], shm_dir=root, socket="/tmp/ckdoc/d.sock"))
+    >>> server.app.title, server.urls
+    ('ckptd', [])
+    """
+
+    def __init__(self, settings: Settings, *, on_ready: OnReady | None = None) -> None:
+        _check_tcp(settings)
+        self.settings = settings
+        self.on_ready = on_ready
+        self.metrics = Metrics()
+        self.cache = Cache(settings, self.metrics)
+        self.app = create_app(self.cache, settings, self.metrics)
+        self.urls: list[str] = []
+        self._uvicorn: _Uvicorn | None = None
+        self._stop_reaper = threading.Event()
+        self._socket_inode: int | None = None
+
+    def serve(self) -> None:
+        """Bind, serve until told to stop, then free the cache and remove the socket."""
+        sockets = self._bind()
+        reaper = threading.Thread(target=self._reap, name="ckptd-reaper", daemon=True)
+        try:
+            self._uvicorn = _Uvicorn(self._uvicorn_config(), self._ready)
+            reaper.start()
+            with _signals_survive_uvicorn():
+                self._uvicorn.run(sockets=sockets)
+        finally:
+            self._shutdown(sockets, reaper)
+
+    def stop(self) -> None:
+        """Ask a serving daemon to shut down (from another thread; signals do the same)."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    # --- sockets ----------------------------------------------------------------------
+
+    def _bind(self) -> list[socket.socket]:
+        sockets = [self._bind_unix()]
+        self.urls = [f"unix://{self.settings.socket}"]
+        if self.settings.port is not None:
+            try:
+                tcp = bind_tcp(self.settings.host, self.settings.port)
+            except BaseException:
+                self._close_sockets(sockets)
+                raise
+            sockets.append(tcp)
+            self.urls.append(_tcp_url(tcp))
+            self.app.state.tcp = self.urls[-1]
+        return sockets
+
+    def _bind_unix(self) -> socket.socket:
+        sock = bind_unix(self.settings.socket)
+        self._socket_inode = os.stat(self.settings.socket).st_ino
+        return sock
+
+    def _close_sockets(self, sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            sock.close()
+        self._remove_socket_file()
+
+    def _remove_socket_file(self) -> None:
+        """Unlink our socket file, unless another daemon has replaced it since."""
+        path = self.settings.socket
+        try:
+            if self._socket_inode is not None and os.stat(path).st_ino == self._socket_inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._socket_inode = None
+
+    # --- running ----------------------------------------------------------------------
+
+    def _uvicorn_config(self) -> uvicorn.Config:
+        log_config = copy.deepcopy(LOGGING_CONFIG)
+        log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is the CLI's
+        return uvicorn.Config(
+            self.app,
+            log_level=self.settings.log_level,
+            log_config=log_config,
+            lifespan="off",
+            backlog=BACKLOG,
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+
+    def _ready(self) -> None:
+        logger.info("ckptd serving on %s", ", ".join(self.urls))
+        if self.on_ready is not None:
+            self.on_ready(list(self.urls))
+
+    def _reap(self) -> None:
+        interval = self.settings.lease_ttl / 4
+        while not self._stop_reaper.wait(interval):
+            try:
+                expired = self.cache.reap()
+            except Exception:  # the reaper must outlive one bad pass
+                logger.exception("reaping leases failed")
+                continue
+            if expired:
+                logger.info("%d lease(s) expired", expired)
+
+    def _shutdown(self, sockets: list[socket.socket], reaper: threading.Thread) -> None:
+        logger.info("ckptd shutting down")
+        self._stop_reaper.set()
+        if reaper.is_alive():
+            reaper.join()
+        try:
+            self.cache.close()
+        finally:
+            self._close_sockets(sockets)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling us when its sockets accept connections."""
+
+    def __init__(self, config: uvicorn.Config, ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and not self.should_exit:
+            self._on_ready()
+
+
+@contextmanager
+def _signals_survive_uvicorn() -> Iterator[None]:
+    """Let a clean shutdown return normally after SIGTERM/SIGINT.
+
+    uvicorn re-raises the signal that stopped it once it has finished, through the
+    handler that was installed before it; with the default ones the process would die
+    (SIGTERM) or raise KeyboardInterrupt (SIGINT) before the cache is freed. While it
+    runs, that earlier handler is one that does nothing; the originals come back after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handled = (signal.SIGINT, signal.SIGTERM)
+    originals = {sig: signal.signal(sig, _ignore) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
+
+
+def _ignore(sig: int, frame: FrameType | None) -> None:
+    logger.debug("signal %d after shutdown began", sig)
+
+
+# ---------------------------------------------------------------------------------------
+# Binding
+# ---------------------------------------------------------------------------------------
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, owner-only (mode 0600).
+
+    The directory is created (0700) when missing. An existing socket that something
+    answers on is a :class:`DaemonError`; a stale one is removed; any other file there is
+    a :class:`UsageError` (never deleted).
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp(prefix="ck", dir="/tmp")) / "d.sock"
+    >>> sock = bind_unix(path)
+    >>> oct(path.stat().st_mode & 0o777)
+    '0o600'
+    >>> sock.close(); path.unlink(); path.parent.rmdir()
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        os.chmod(path, 0o600)  # before listen: until then, connecting is refused
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _clear_stale(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(f"{path} exists and is not a socket; choose another --socket")
+    if _answers(path):
+        raise DaemonError(f"a daemon already serves on unix://{path}; stop it first or choose another --socket")
+    logger.info("removing stale socket %s", path)
+    os.unlink(path)
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+        return True
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port).
+
+    >>> sock = bind_tcp("127.0.0.1", 0)
+    >>> sock.getsockname()[1] > 0
+    True
+    >>> sock.close()
+    """
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _tcp_url(sock: socket.socket) -> str:
+    address: Any = sock.getsockname()
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _check_tcp(settings: Settings) -> None:
+    """Refuse TCP without a token (unless allowed); read the token now, so a bad file fails at start."""
+    token = settings.token
+    if settings.port is not None and token is None and not settings.allow_insecure_tcp:
+        raise UsageError("TCP without a token is refused: give --token-file, or --allow-insecure-tcp")
+    if settings.port is not None and token is None:
+        logger.warning("TCP on port %d without a token: anyone who can reach it can use the daemon", settings.port)

@@ -1,0 +1,323 @@
+"""The daemon's settings: precedence, sizes, the environment, TCP and token rules, socket paths."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ckptd import UsageError
+from ckptd.server import Settings, load_settings
+from ckptd.server._config import MAX_SOCKET_PATH, host_memory, parse_size, unknown_variables
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No CKPTD_* variable from the outside world leaks into a test."""
+    for key in list(os.environ):
+        if key.upper().startswith("CKPTD_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ck", dir="/tmp"))
+    yield path
+    path.rmdir()
+
+
+def _settings(root: Path, **flags: object) -> Settings:
+    flags.setdefault("shm_dir", root)
+    flags.setdefault("socket", "/tmp/ckcfg/d.sock")
+    return load_settings(roots=[root], **flags)
+
+
+def _token_file(tmp_path: Path, text: str = "s3cret\n", mode: int = 0o600) -> Path:
+    path = tmp_path / "token"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+# --- defaults and precedence ------------------------------------------------------------
+
+
+def test_defaults(root: Path) -> None:
+    s = _settings(root)
+    assert s.roots == (root.resolve(),)
+    assert (s.host, s.port, s.token_file, s.allow_insecure_tcp) == ("127.0.0.1", None, None, False)
+    assert s.host_budget == host_memory() // 2
+    assert s.gpu_budget == {}
+    assert (s.lease_ttl, s.max_body_bytes, s.log_level) == (30.0, 1024 * 1024, "info")
+    assert s.token is None and s.tcp_url is None
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm here")
+def test_shm_dir_defaults_to_dev_shm(root: Path) -> None:
+    assert load_settings(roots=[root], socket="/tmp/ckcfg/d.sock").shm_dir == Path("/dev/shm").resolve()
+
+
+def test_default_socket_uses_xdg_runtime_dir(root: Path, clean_env: pytest.MonkeyPatch, sock_dir: Path) -> None:
+    clean_env.setenv("XDG_RUNTIME_DIR", str(sock_dir))
+    assert load_settings(roots=[root], shm_dir=root).socket == sock_dir / "ckptd.sock"
+
+
+def test_default_socket_without_xdg_runtime_dir(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert load_settings(roots=[root], shm_dir=root).socket == Path(f"/tmp/ckptd-{os.getuid()}/ckptd.sock")
+
+
+def test_env_overrides_defaults(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_LEASE_TTL", "5")
+    clean_env.setenv("CKPTD_HOST", "0.0.0.0")
+    s = _settings(root)
+    assert (s.lease_ttl, s.host) == (5.0, "0.0.0.0")
+
+
+def test_flags_override_env(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_LEASE_TTL", "5")
+    clean_env.setenv("CKPTD_HOST_BUDGET", "1GiB")
+    s = _settings(root, lease_ttl=7, host_budget="2GiB")
+    assert (s.lease_ttl, s.host_budget) == (7.0, 2 << 30)
+
+
+def test_flag_given_as_none_leaves_env_in_charge(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_LEASE_TTL", "5")
+    assert _settings(root, lease_ttl=None).lease_ttl == 5.0
+
+
+def test_roots_from_env_are_colon_separated(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    clean_env.setenv("CKPTD_ROOTS", f"{a}:{b}")
+    assert load_settings(shm_dir=tmp_path, socket="/tmp/ckcfg/d.sock").roots == (a.resolve(), b.resolve())
+
+
+def test_roots_are_resolved_and_deduplicated(root: Path) -> None:
+    link = root.parent / "link"
+    link.symlink_to(root)
+    assert load_settings(roots=[root, link], shm_dir=root, socket="/tmp/ckcfg/d.sock").roots == (root.resolve(),)
+
+
+def test_settings_are_frozen(root: Path) -> None:
+    s = _settings(root)
+    with pytest.raises(ValidationError):
+        s.lease_ttl = 1.0  # type: ignore[misc]
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def test_roots_are_required(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="roots"):
+        load_settings(shm_dir=tmp_path, socket="/tmp/ckcfg/d.sock")
+
+
+def test_roots_cannot_be_empty(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="at least one root"):
+        load_settings(roots=[], shm_dir=tmp_path, socket="/tmp/ckcfg/d.sock")
+
+
+def test_root_must_exist_and_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such directory"):
+        load_settings(roots=[tmp_path / "missing"], shm_dir=tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="no such directory"):
+        load_settings(roots=[tmp_path / "file"], shm_dir=tmp_path)
+
+
+def test_shm_dir_must_exist(root: Path) -> None:
+    with pytest.raises(UsageError, match="shm_dir"):
+        _settings(root, shm_dir=root / "missing")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "match"),
+    [
+        ("lease_ttl", 0, "lease_ttl"),
+        ("lease_ttl", -1.5, "lease_ttl"),
+        ("max_body_bytes", 0, "max_body_bytes"),
+        ("port", 70000, "port"),
+        ("log_level", "loud", "log level"),
+        ("host_budget", "12QB", "not a size"),
+    ],
+)
+def test_bad_values_are_usage_errors(root: Path, flag: str, value: object, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        _settings(root, **{flag: value})
+
+
+def test_log_level_is_normalised(root: Path) -> None:
+    assert _settings(root, log_level="DEBUG").log_level == "debug"
+
+
+def test_unknown_flag_is_rejected(root: Path) -> None:
+    with pytest.raises(UsageError, match="bogus: not a setting"):
+        _settings(root, bogus=1)
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("123", 123),
+        (456, 456),
+        ("16GiB", 16 << 30),
+        ("16G", 16 << 30),
+        ("16gib", 16 << 30),
+        ("500MB", 500_000_000),
+        ("500 MiB", 500 << 20),
+        ("1.5KiB", 1536),
+        ("2kb", 2000),
+        ("1TiB", 1 << 40),
+        ("7B", 7),
+    ],
+)
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "12QB", "-5", "1.2.3G", "lots"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_parse_size_percent() -> None:
+    assert parse_size("75%", total=1000) == 750
+    assert parse_size("100%", total=1000) == 1000
+    for bad in ("0%", "150%", "x%"):
+        with pytest.raises(ValueError):
+            parse_size(bad, total=1000)
+    with pytest.raises(ValueError, match="percentage is not accepted"):
+        parse_size("50%")
+
+
+def test_host_budget_percent_of_ram(root: Path) -> None:
+    assert _settings(root, host_budget="50%").host_budget == host_memory() // 2
+    assert _settings(root, host_budget="25%").host_budget == host_memory() // 4
+
+
+def test_gpu_budget_from_env_pairs_and_json(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_GPU_BUDGET", "cuda:0=40GiB, cuda:1=1000")
+    assert _settings(root).gpu_budget == {"cuda:0": 40 << 30, "cuda:1": 1000}
+    clean_env.setenv("CKPTD_GPU_BUDGET", '{"cuda:0": "2GiB"}')
+    assert _settings(root).gpu_budget == {"cuda:0": 2 << 30}
+
+
+def test_gpu_budget_flag_and_errors(root: Path) -> None:
+    assert _settings(root, gpu_budget={"cuda:0": "1GiB"}).gpu_budget == {"cuda:0": 1 << 30}
+    with pytest.raises(UsageError, match="percentage"):
+        _settings(root, gpu_budget={"cuda:0": "50%"})
+    with pytest.raises(UsageError, match="DEVICE=SIZE"):
+        _settings(root, gpu_budget="cuda:0")
+
+
+# --- the environment --------------------------------------------------------------------
+
+
+def test_unknown_ckptd_variable_is_rejected_by_name(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_ROOT", str(root))  # misspelt CKPTD_ROOTS
+    clean_env.setenv("CKPTD_LEASETTL", "3")
+    with pytest.raises(UsageError, match="CKPTD_LEASETTL, CKPTD_ROOT") as info:
+        _settings(root)
+    assert "CKPTD_ROOTS" in str(info.value)  # the message lists the real names
+
+
+def test_client_variables_are_not_settings_but_allowed(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_URL", "unix:///tmp/x.sock")
+    clean_env.setenv("CKPTD_TOKEN", "abc")
+    assert _settings(root).token is None
+
+
+def test_unknown_variables_ignores_other_prefixes() -> None:
+    env = {"CKPTD_PORT": "1", "ckptd_bogus": "1", "XCKPTD_FOO": "1", "HOME": "/root"}
+    assert unknown_variables(env) == ["ckptd_bogus"]
+
+
+# --- TCP and the token ------------------------------------------------------------------
+
+
+def test_tcp_without_token_is_refused(root: Path) -> None:
+    with pytest.raises(UsageError, match="without a token is refused"):
+        _settings(root, port=8750)
+
+
+def test_tcp_without_token_when_allowed(root: Path) -> None:
+    s = _settings(root, port=8750, allow_insecure_tcp=True)
+    assert s.tcp_url == "http://127.0.0.1:8750"
+
+
+def test_tcp_with_token(root: Path, tmp_path: Path) -> None:
+    s = _settings(root, port=8750, token_file=_token_file(tmp_path))
+    assert s.token == "s3cret"
+
+
+def test_tcp_url_brackets_ipv6(root: Path) -> None:
+    assert _settings(root, host="::1", port=1, allow_insecure_tcp=True).tcp_url == "http://[::1]:1"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_token_file_must_be_owner_only(root: Path, tmp_path: Path, mode: int) -> None:
+    s = _settings(root, token_file=_token_file(tmp_path, mode=mode))
+    with pytest.raises(UsageError, match="owner only"):
+        s.token
+
+
+def test_token_is_read_once(root: Path, tmp_path: Path) -> None:
+    path = _token_file(tmp_path, mode=0o400)
+    s = _settings(root, token_file=path)
+    assert s.token == "s3cret"
+    path.chmod(0o600)
+    path.write_text("changed")
+    assert s.token == "s3cret"
+
+
+def test_empty_or_missing_token_file(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="empty"):
+        _settings(root, token_file=_token_file(tmp_path, text=" \n")).token
+    with pytest.raises(UsageError, match="cannot read"):
+        _settings(root, token_file=tmp_path / "missing").token
+
+
+# --- the socket path --------------------------------------------------------------------
+
+
+def test_socket_path_length(root: Path) -> None:
+    longest = "/tmp/" + "s" * (MAX_SOCKET_PATH - len("/tmp/"))
+    assert len(longest) == 107
+    assert str(_settings(root, socket=longest).socket) == longest
+    with pytest.raises(UsageError, match="under 108 bytes"):
+        _settings(root, socket=longest + "s")
+
+
+def test_socket_length_counts_bytes(root: Path) -> None:
+    name = "/tmp/" + "é" * 52  # 5 + 104 bytes, 57 characters
+    with pytest.raises(UsageError, match="under 108 bytes"):
+        _settings(root, socket=name)
+
+
+def test_relative_socket_is_made_absolute(root: Path, clean_env: pytest.MonkeyPatch, sock_dir: Path) -> None:
+    clean_env.chdir(sock_dir)
+    assert _settings(root, socket="d.sock").socket == sock_dir / "d.sock"
+
+
+def test_default_socket_is_checked_too(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("XDG_RUNTIME_DIR", "/tmp/" + "x" * 110)
+    with pytest.raises(UsageError, match="under 108 bytes"):
+        load_settings(roots=[root], shm_dir=root)
