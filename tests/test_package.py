@@ -15,7 +15,13 @@ import pytest
 
 import ckptd
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(ckptd.__path__, "ckptd.") if m.name != "ckptd.__main__")
+import ckptd.server  # noqa: E402  (its modules' examples run too)
+
+MODULES = sorted(
+    {m.name for m in pkgutil.walk_packages(ckptd.__path__, "ckptd.")}
+    | {m.name for m in pkgutil.walk_packages(ckptd.server.__path__, "ckptd.server.")}
+    - {"ckptd.__main__"}
+)
 
 
 def test_public_api_is_exactly_all() -> None:
