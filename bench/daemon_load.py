@@ -15,6 +15,9 @@ Measured:
   new arena in ``/dev/shm`` (the file is in the page cache, the daemon's cache is empty).
 * ``daemon warm attach``: client processes 2..4, each a fresh process; only the
   ``Client.load`` call is timed inside the process and reported back as JSON on stdout.
+* ``daemon re-read after evict``: once the clients are gone, the checkpoint is evicted
+  and prefetched again: the daemon's read path without the cost of the machine backing
+  fresh memory, which the first cold load also pays (large on a VM).
 
 Every client checks its result: process 1 compares every tensor with ``torch.load``'s
 (torch.equal, dtype, shape, key order), processes 2..4 compare float64 sums of a few
@@ -123,6 +126,15 @@ def run_client(script: Path, url: str, path: Path, mode: str, sums: dict[str, fl
     return proc, result
 
 
+def release_clients(clients: list[subprocess.Popen]) -> None:
+    """Let every client process drop its result, close its client and exit."""
+    for proc in clients:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.write("\n")
+            proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, r = report["machine"], report["results"]
     rows = [
@@ -131,6 +143,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for i, c in enumerate(r["clients"][1:], start=2):
         rows.append((f"daemon warm attach: client {i} `Client.load` (fresh process)", c["load_s"], "sums of 4 tensors"))
+    rows.append(("daemon re-read after evict (`Client.prefetch`, memory already backed)", r["reread_s"], ""))
     lines = [
         f"# Daemon load benchmark ({report['date']})",
         "",
@@ -157,7 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"max {r['warm_attach_s']['max'] * 1000:.1f})",
         f"- client process wall (spawn + import + load + check): {walls} s",
         f"- ratio torch.load / warm attach (median): **{v['ratio_median']:.1f}x**; vs slowest attach: {v['ratio_worst']:.1f}x "
-        f"(criterion >= {MIN_RATIO:g}x: {'PASS' if v['ratio_pass'] else 'FAIL'})",
+        f"(criterion: each >= {MIN_RATIO:g}x: {'PASS' if v['ratio_pass'] else 'FAIL'})",
         f"- ratio torch.load / daemon cold: {v['ratio_cold']:.2f}x",
         f"- Shmem before {r['shmem']['before'] / 2**30:.3f} GiB, with 4 clients attached {r['shmem']['attached'] / 2**30:.3f} GiB: "
         f"grew {r['shmem']['growth'] / 2**30:.3f} GiB = {v['shmem_copies']:.2f} copies of the checkpoint "
@@ -204,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         with ckptd.Client(url) as admin:
             entries = admin.checkpoints()
             stats = admin.stats()
+        release_clients(clients)
+        # The first read of a fresh daemon also pays for the machine backing new memory
+        # (slow on a VM); reading again after an eviction shows the read path alone.
+        with ckptd.Client(url) as admin:
+            admin.evict(str(path))
+            t0 = time.perf_counter()
+            admin.prefetch(str(path))
+            reread_s = time.perf_counter() - t0
+        print(f"daemon re-read after evict: {reread_s:.3f} s", flush=True)
     finally:
-        for proc in clients:
-            if proc.stdin:
-                proc.stdin.write("\n")
-                proc.stdin.close()
-            proc.wait(timeout=60)
+        release_clients(clients)
         daemon.send_signal(signal.SIGTERM)
         daemon_exit = daemon.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
@@ -225,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "shmem_copies": growth / size,
         "all_ok": all(r["ok"] for r in results),
     }
-    verdict["ratio_pass"] = verdict["ratio_median"] >= MIN_RATIO
+    verdict["ratio_pass"] = verdict["ratio_worst"] >= MIN_RATIO  # each warm attach, not just the median
     verdict["shmem_pass"] = 0.9 <= verdict["shmem_copies"] <= 1.5
     date = dt.date.today().isoformat()
     report = {
@@ -242,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "daemon_checkpoints": entries,
             "daemon_stats": stats,
             "daemon_exit": daemon_exit,
+            "reread_s": reread_s,
         },
         "verdict": verdict,
     }

@@ -15,6 +15,11 @@ from typing import Any
 import torch
 from torch import _weights_only_unpickler
 
+try:  # torch's load config (2.5+); imported here, not per call: a worker's first attach is timed in ms
+    from torch.utils.serialization import config as _torch_serialization_config
+except ImportError:
+    _torch_serialization_config = None
+
 from ckptd.formats import (
     CheckpointError,
     FileLike,
@@ -181,11 +186,9 @@ def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType |
 
 def _default_mmap() -> bool:
     """torch's ``torch.utils.serialization.config.load.mmap`` (False where torch lacks the config)."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:
+    if _torch_serialization_config is None:
         return False
-    return bool(config.load.mmap)
+    return bool(_torch_serialization_config.load.mmap)
 
 
 def _load_layout(
