@@ -3,7 +3,9 @@
 The public surface is small: :func:`load` (torch.load's contract, plus selective
 loading), :func:`jit_load` (torch.jit.load's), :func:`inspect` (a checkpoint's tensors
 without reading them), :class:`Client` (the same through the daemon's shared cache) and
-the exception tree rooted at :class:`CkptdError`. ``load(..., server=url)`` or the
+the exception tree rooted at :class:`CkptdError`. :func:`load_into` fills a model built
+with :func:`meta_parameters` with the loaded tensors themselves (no copy), so workers
+served by the daemon share one copy of their weights. ``load(..., server=url)`` or the
 ``CKPTD_URL`` environment variable send ``load`` and ``jit_load`` through the daemon.
 
 >>> import io, torch, ckptd
@@ -25,6 +27,7 @@ from ._exceptions import (
     DaemonNotRunningError,
     DeviceError,
     LeaseLostError,
+    ModelMismatchError,
     NotSeekableError,
     OverBudgetError,
     PathNotAllowedError,
@@ -36,6 +39,7 @@ from ._exceptions import (
 from ._inspect import inspect
 from ._jit import jit_load
 from ._load import load
+from ._load_into import load_into, meta_parameters
 
 __version__ = "0.1.0"
 
@@ -50,6 +54,7 @@ __all__ = [
     "DaemonNotRunningError",
     "DeviceError",
     "LeaseLostError",
+    "ModelMismatchError",
     "NotSeekableError",
     "OverBudgetError",
     "PathNotAllowedError",
@@ -61,4 +66,6 @@ __all__ = [
     "inspect",
     "jit_load",
     "load",
+    "load_into",
+    "meta_parameters",
 ]

@@ -12,6 +12,7 @@ instance of that type, so ``except RuntimeError`` written for torch.load keeps w
     ├── DeviceError                     a map_location target that does not exist (also RuntimeError)
     ├── UnpicklingError                 weights_only refused a global (also pickle.UnpicklingError)
     ├── UsageError                      arguments that do not fit together (also ValueError, RuntimeError)
+    ├── ModelMismatchError              load_into: checkpoint and model do not fit, or a tensor was copied (also RuntimeError)
     └── DaemonError                     the daemon refused or could not serve a request
         ├── DaemonNotRunningError       nothing listens at the URL; the message says how to start it
         ├── AuthenticationError         missing or wrong token (also PermissionError)
@@ -44,6 +45,15 @@ class UnpicklingError(CkptdError, pickle.UnpicklingError):
 
 class UsageError(CkptdError, ValueError, RuntimeError):
     """Arguments that cannot be used together (torch.load raises ValueError or RuntimeError here)."""
+
+
+class ModelMismatchError(CkptdError, RuntimeError):
+    """:func:`ckptd.load_into` could not make the model's tensors *be* the checkpoint's.
+
+    Missing or unexpected keys (torch's ``load_state_dict`` raises RuntimeError there),
+    a parameter or buffer left on the ``meta`` device, or one that does not alias the
+    loaded storage.
+    """
 
 
 class DaemonError(CkptdError):
@@ -84,6 +94,7 @@ __all__ = [
     "DaemonNotRunningError",
     "DeviceError",
     "LeaseLostError",
+    "ModelMismatchError",
     "NotSeekableError",
     "OverBudgetError",
     "PathNotAllowedError",

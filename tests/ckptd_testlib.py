@@ -10,6 +10,7 @@ Contents:
 * :data:`CORPUS` -- named checkpoint builders; each returns an object to ``torch.save``.
 * :func:`save_variant` -- writes an object in one of the save variants (zip, legacy,
   zip without crc32, big-endian zip).
+* :func:`start_daemon` -- a real ``ckptd serve`` subprocess for the daemon tests.
 * :func:`load_both` -- runs ``torch.load`` and ``ckptd.load`` on the same input and arguments,
   recording warnings and exceptions of each.
 """
@@ -23,9 +24,15 @@ import math
 import os
 import pathlib
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -770,3 +777,57 @@ class LocationRecorder:
     def __call__(self, storage, location):
         self.calls.append((type(storage).__name__, location, storage.nbytes(), storage_bytes(storage)))
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# A real daemon.
+# ---------------------------------------------------------------------------------------
+
+
+READY_PREFIX = "ckptd: serving on "
+
+
+@dataclasses.dataclass
+class Daemon:
+    """A running daemon: its process, socket, checkpoint root and shared-memory dir."""
+
+    proc: subprocess.Popen
+    sock: str
+    root: Path
+    shm: Path
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.sock}"
+
+    def arenas(self) -> list[Path]:
+        return sorted(p for p in self.shm.iterdir() if p.is_file())
+
+
+def start_daemon(root: Path, shm: Path, *extra: str) -> Iterator[Daemon]:
+    """Run ``ckptd serve`` until the generator resumes; then SIGTERM it and check it left cleanly.
+
+    The socket lives in a short directory under /tmp (a Unix socket path must stay under
+    108 bytes, which pytest's tmp_path can exceed); the ready line printed once the
+    daemon listens is the start signal, so nothing sleeps.
+    """
+    sockdir = tempfile.mkdtemp(prefix="ck", dir="/tmp")
+    sock = os.path.join(sockdir, "d.sock")
+    cmd = [sys.executable, "-m", "ckptd", "serve", "--socket", sock, "--root", str(root), "--shm-dir", str(shm), "--lease-ttl", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the daemon is listening (or exits)
+        assert line.startswith(READY_PREFIX), f"daemon did not start: {line!r} (exit {proc.poll()})"
+        assert line.strip() == f"{READY_PREFIX}unix://{sock}"
+        yield Daemon(proc, sock, root, shm)
+        assert proc.poll() is None, "daemon died during the test"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not os.path.exists(sock), "socket left behind after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        shutil.rmtree(sockdir, ignore_errors=True)

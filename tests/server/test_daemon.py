@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import gc
 import os
 import shutil
 import signal
@@ -20,55 +19,13 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptd
-from ckptd_testlib import assert_same
-
-READY_PREFIX = "ckptd: serving on "
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    sock: str
-    root: Path
-    shm: Path
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.sock}"
-
-    def arenas(self) -> list[Path]:
-        return sorted(p for p in self.shm.iterdir() if p.is_file())
-
-
-def _start(root: Path, shm: Path, *extra: str) -> Iterator[Daemon]:
-    sockdir = tempfile.mkdtemp(prefix="ck", dir="/tmp")
-    sock = os.path.join(sockdir, "d.sock")
-    cmd = [sys.executable, "-m", "ckptd", "serve", "--socket", sock, "--root", str(root), "--shm-dir", str(shm), "--lease-ttl", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # blocks until the daemon is listening (or exits)
-        assert line.startswith(READY_PREFIX), f"daemon did not start: {line!r} (exit {proc.poll()})"
-        assert line.strip() == f"{READY_PREFIX}unix://{sock}"
-        yield Daemon(proc, sock, root, shm)
-        assert proc.poll() is None, "daemon died during the test"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-        assert not os.path.exists(sock), "socket left behind after SIGTERM"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        shutil.rmtree(sockdir, ignore_errors=True)
-
+from ckptd_testlib import Daemon, assert_same, start_daemon
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
@@ -77,7 +34,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     root, shm = base / "root", base / "shm"
     root.mkdir()
     shm.mkdir()
-    yield from _start(root, shm)
+    yield from start_daemon(root, shm)
 
 
 @pytest.fixture
@@ -372,7 +329,7 @@ def test_over_budget(tmp_path: Path) -> None:
     shm.mkdir()
     big = _checkpoint(root, "big.pt", {"w": torch.zeros(1 << 20)})  # 4 MiB
     small = _checkpoint(root, "small.pt", {"w": torch.arange(1000)})
-    gen = _start(root, shm, "--host-budget", "1MiB")
+    gen = start_daemon(root, shm, "--host-budget", "1MiB")
     d = next(gen)
     try:
         with ckptd.Client(d.url) as c:
