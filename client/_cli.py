@@ -307,6 +307,7 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
         "port": args.port,
         "token_file": args.token_file,
         "allow_insecure_tcp": args.allow_insecure_tcp,
+        "public_metrics": args.public_metrics,
         "host_budget": args.host_budget,
         "shm_dir": args.shm_dir,
         "lease_ttl": args.lease_ttl,
@@ -461,6 +462,13 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     return _emit(args, out, stats, render_stats(stats))
 
 
+def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd health``: exit 0 when the daemon answers ``/healthz`` (container and pod probes)."""
+    with _client(args) as client:
+        health = client.health()
+    return _emit(args, out, health, f"ckptd at {client.url}: {health.get('status', '?')}")
+
+
 def cmd_prefetch(args: argparse.Namespace, out: TextIO) -> int:
     """``ckptd prefetch PATH``: make a checkpoint resident in the daemon."""
     with _client(args) as client:
@@ -531,6 +539,8 @@ def _add_serve(commands: Any) -> None:
     sub.add_argument("--port", type=int, metavar="P", help="also listen on TCP (needs --token-file)")
     sub.add_argument("--token-file", metavar="F", help="owner-only file holding the bearer token")
     sub.add_argument("--allow-insecure-tcp", action="store_true", default=None, help="allow TCP without a token")
+    sub.add_argument("--public-metrics", action="store_true", default=None,
+                     help="serve /metrics without the token (for Prometheus scraping by annotation)")
     sub.add_argument("--host-budget", metavar="SIZE", help="host memory budget: bytes, 16GiB, 500MB or 75%% (default 50%%)")
     sub.add_argument("--shm-dir", metavar="D", help="where CPU arenas live (default /dev/shm)")
     sub.add_argument("--lease-ttl", type=float, metavar="S", help="seconds a lease lives unrenewed (default 30)")
@@ -542,6 +552,7 @@ def _add_admin(commands: Any) -> None:
     for name, handler, help_text in (
         ("ls", cmd_ls, "list the checkpoints a running daemon holds"),
         ("stats", cmd_stats, "a running daemon's totals"),
+        ("health", cmd_health, "check that a daemon answers (exit 0) or not (exit 1): for probes"),
         ("prefetch", cmd_prefetch, "make a checkpoint resident in a running daemon"),
         ("evict", cmd_evict, "evict a checkpoint (by id or path) from a running daemon"),
     ):

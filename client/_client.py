@@ -178,6 +178,10 @@ class Client:
         """The daemon's totals: resident bytes and budgets per device, leases, hits, misses, evictions."""
         return dict(self._request("GET", "/v1/stats"))
 
+    def health(self) -> dict[str, Any]:
+        """The daemon's ``/healthz`` answer (``{"status": "ok"}``); raises :class:`DaemonNotRunningError` if none answers."""
+        return dict(self._request("GET", "/healthz"))
+
     def renew(self, lease: str) -> None:
         """Renew one lease now (the background keeper does this on its own)."""
         self._request("POST", f"/v1/leases/{lease}/renew")

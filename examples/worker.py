@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("path")
     run = sub.add_parser("run", help="load the checkpoint into a model without copying it, and generate")
     run.add_argument("path")
+    run.add_argument("--hold", action="store_true", help="stay up (holding the model) until SIGTERM, like a server")
     run.add_argument("--url", default=os.environ.get("CKPTD_URL"), help="daemon URL (default: $CKPTD_URL; none: in-process)")
     args = parser.parse_args(argv)
 
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_token], dim=1)
     where = args.url or "in-process"
-    print(f"loaded in {loaded * 1000:.1f} ms ({where}); generated {tokens[0].tolist()}")
+    print(f"loaded in {loaded * 1000:.1f} ms ({where}); generated {tokens[0].tolist()}", flush=True)
+    if args.hold:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.pause()  # a real worker would serve requests here
     return 0
 
 

@@ -14,8 +14,9 @@ route                                  answer
 ``GET /metrics``                       Prometheus text exposition
 =====================================  ===============================================
 
-**Auth.** When the daemon has a token, every route but ``/healthz`` (``/metrics``,
-``/openapi.json`` and ``/docs`` included) needs ``Authorization: Bearer <token>``;
+**Auth.** When the daemon has a token, every route but ``/healthz`` (``/metrics``
+unless ``public_metrics`` is set, ``/openapi.json`` and ``/docs`` included) needs
+``Authorization: Bearer <token>``;
 anything else is 401 ``AuthenticationError``. **Errors** have one shape,
 ``{"error": {"type": "<ckptd exception>", "message": "..."}}``, with the status of
 ``ckptd._wire.STATUS``: a malformed body is 422 ``UsageError``, a body over
@@ -171,12 +172,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 class TokenAuth:
     """ASGI middleware: every HTTP request but :data:`OPEN_PATHS` must carry the bearer token."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self._token = token.encode()
+        self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or scope["path"] in self._open or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         await error_response(AuthenticationError("missing or wrong token (send Authorization: Bearer <token>)"))(
@@ -282,7 +284,8 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     token = settings.token
     if token is not None:
-        app.add_middleware(TokenAuth, token=token)  # outermost: refuse before reading any body
+        open_paths = OPEN_PATHS | {"/metrics"} if settings.public_metrics else OPEN_PATHS
+        app.add_middleware(TokenAuth, token=token, open_paths=open_paths)  # outermost: refuse before reading any body
     return app
 
 

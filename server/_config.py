@@ -11,6 +11,7 @@ roots                CKPTD_ROOTS             (required) directories, ``:``-separ
 host, port           CKPTD_HOST, CKPTD_PORT  ``127.0.0.1``, no TCP
 token_file           CKPTD_TOKEN_FILE        none (owner-only file holding the token)
 allow_insecure_tcp   CKPTD_ALLOW_INSECURE_TCP  false: TCP needs a token
+public_metrics       CKPTD_PUBLIC_METRICS    false: ``/metrics`` needs the token too
 host_budget          CKPTD_HOST_BUDGET       50% of RAM; ``16GiB``, ``500MB``, ``75%``
 gpu_budget           CKPTD_GPU_BUDGET        none; ``cuda:0=40GiB,cuda:1=40GiB`` or JSON
 shm_dir              CKPTD_SHM_DIR           ``/dev/shm``
@@ -150,6 +151,7 @@ class Settings(BaseSettings):
     port: int | None = Field(default=None, ge=0, le=65535)
     token_file: Path | None = None
     allow_insecure_tcp: bool = False
+    public_metrics: bool = False  # Prometheus annotation scraping sends no token
     host_budget: int = Field(default_factory=_default_host_budget)
     gpu_budget: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     shm_dir: Path = Path("/dev/shm")

@@ -309,6 +309,17 @@ def test_metrics_with_token(secured: TestClient) -> None:
     assert response.status_code == 200 and "ckptd_active_leases" in response.text
 
 
+def test_public_metrics_opens_only_metrics(tmp_path: Path, socket_path: Path, cache: FakeCache, metrics: Metrics) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    settings = _settings(tmp_path, socket_path, token_file=token_file, port=0, public_metrics=True)
+    with TestClient(create_app(cache, settings, metrics)) as app:
+        assert app.get("/metrics").status_code == 200
+        assert app.get("/v1/stats").status_code == 401
+        assert app.post("/v1/load", json={"path": "/m/a.pt"}).status_code == 401
+
+
 def test_auth_comes_before_the_body_limit(secured: TestClient) -> None:
     response = secured.post("/v1/load", content=b"x" * (LIMIT + 1), headers={"Content-Type": "application/json"})
     assert response.status_code == 401

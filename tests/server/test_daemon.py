@@ -368,3 +368,16 @@ def test_cli_ls(daemon: Daemon, client: ckptd.Client) -> None:
     out = subprocess.run([sys.executable, "-m", "ckptd", "ls", "--url", daemon.url], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert os.path.realpath(path) in out.stdout
+
+
+def test_cli_health(daemon: Daemon, tmp_path: Path) -> None:
+    """The probe command of the Docker HEALTHCHECK and the Kubernetes probes."""
+    ok = subprocess.run([sys.executable, "-m", "ckptd", "health", "--url", daemon.url], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"ckptd at {daemon.url}: ok", ok.stderr
+    sock = tempfile.mkdtemp(prefix="ck", dir="/tmp")
+    try:
+        down = subprocess.run([sys.executable, "-m", "ckptd", "health", "--url", f"unix://{sock}/none.sock"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+    assert down.returncode == 1 and "no ckptd daemon answers" in down.stderr
