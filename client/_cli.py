@@ -309,6 +309,10 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
         "allow_insecure_tcp": args.allow_insecure_tcp,
         "public_metrics": args.public_metrics,
         "host_budget": args.host_budget,
+        "devices": args.devices,
+        "simulated_gpus": args.simulated_gpus,
+        "gpu_budget": args.gpu_budget,
+        "host_tier_budget": args.host_tier_budget,
         "shm_dir": args.shm_dir,
         "lease_ttl": args.lease_ttl,
         "log_level": args.log_level,
@@ -542,6 +546,11 @@ def _add_serve(commands: Any) -> None:
     sub.add_argument("--public-metrics", action="store_true", default=None,
                      help="serve /metrics without the token (for Prometheus scraping by annotation)")
     sub.add_argument("--host-budget", metavar="SIZE", help="host memory budget: bytes, 16GiB, 500MB or 75%% (default 50%%)")
+    sub.add_argument("--devices", choices=("auto", "cuda", "simulated", "none"),
+                     help="GPU backend (default auto: CUDA through cupy where there are GPUs)")
+    sub.add_argument("--simulated-gpus", type=int, metavar="N", help="fake GPUs for --devices simulated (tests)")
+    sub.add_argument("--gpu-budget", metavar="SPEC", help="per-GPU budget: cuda:0=40GiB,cuda:1=40GiB (default 90%% of each)")
+    sub.add_argument("--host-tier-budget", metavar="SIZE", help="host memory for evicted GPU arenas (default 25%% of RAM)")
     sub.add_argument("--shm-dir", metavar="D", help="where CPU arenas live (default /dev/shm)")
     sub.add_argument("--lease-ttl", type=float, metavar="S", help="seconds a lease lives unrenewed (default 30)")
     sub.add_argument("--log-level", metavar="LEVEL", help="critical, error, warning, info (default), debug, trace")

@@ -23,11 +23,11 @@ import httpx
 import torch
 
 from ckptd.formats import FileLike, Format
-from ckptd.gpu import map_arena
+from ckptd.gpu import Devices, local_devices, map_arena
 
 from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
 from ._load import keys_of, make_request, rebuild, wanted_entries
-from ._manifest import Manifest
+from ._manifest import ArenaInfo, Manifest
 from ._placement import MapLocation, restore, target_tag
 from ._select import Select
 from ._storages import StorageSet
@@ -54,12 +54,18 @@ class Client:
 
     ``url`` is ``unix:///absolute/path.sock`` or ``http://host:port`` (default:
     ``$CKPTD_URL``, else the default socket); ``token`` defaults to ``$CKPTD_TOKEN``.
+    ``devices`` are this process's GPUs (default: found on first use: CUDA through cupy,
+    or simulated ones under ``CKPTD_SIMULATED_GPUS``); the daemon learns their UUIDs, so
+    ``cuda:0`` means this process's ``cuda:0`` whatever ``CUDA_VISIBLE_DEVICES`` says, and
+    GPU storages arrive as the daemon's own GPU memory, opened once per process.
 
     >>> with Client("unix:///tmp/ckptd-doc/none.sock") as client:  # doctest: +SKIP
     ...     state = client.load("/models/llama.pt", map_location="cpu")
     """
 
-    def __init__(self, url: str | None = None, *, token: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self, url: str | None = None, *, token: str | None = None, timeout: float = 600.0, devices: Devices | None = None
+    ) -> None:
         self.url = url or default_url()
         token = token if token is not None else os.environ.get("CKPTD_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -68,6 +74,8 @@ class Client:
         self._mappings: dict[str, weakref.ref[Any]] = {}
         self._lock = threading.Lock()
         self._leases = _LeaseKeeper(self)
+        self._devices = devices
+        self._devices_known = devices is not None
 
     # --- loading --------------------------------------------------------------------
 
@@ -98,15 +106,16 @@ class Client:
             raise UsageError(f"{manifest.path} is a TorchScript archive: load it with Client.jit_load")
         wanted = wanted_entries(layout, tensor_name, prefix, select)
         keys = list(layout.storages) if wanted is None else keys_of(wanted)
-        storages = StorageSet(layout, request.map_location, frozenset(keys), views=self._views(manifest))
+        views, placed = self._views(manifest)
+        storages = StorageSet(layout, request.map_location, frozenset(keys), views=views, placed=placed)
         return self._hold(manifest, lambda: rebuild(layout, storages, request, tensor_name is not None, wanted))
 
     def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
         """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""
         from ._jit import adopt_tensors
 
-        manifest = self._manifest(f, None, None, None, None)
-        views = self._views(manifest)
+        manifest = self._manifest(f, None, None, None, None, gpus=False)
+        views, _ = self._views(manifest)
 
         def build() -> Any:
             module = torch.jit.load(manifest.path, map_location=map_location, _extra_files=_extra_files)
@@ -115,7 +124,10 @@ class Client:
 
         return self._hold(manifest, build)
 
-    def _manifest(self, f: FileLike, map_location: MapLocation, tensor_name: str | None, prefix: str | None, select: Select) -> Manifest:
+    def _manifest(
+        self, f: FileLike, map_location: MapLocation, tensor_name: str | None, prefix: str | None, select: Select,
+        *, gpus: bool = True,
+    ) -> Manifest:
         if not isinstance(f, (str, os.PathLike)):
             raise UsageError("the daemon loads checkpoints by path; pass a path, or load this one embedded with ckptd.load")
         body = {
@@ -124,24 +136,44 @@ class Client:
             "tensor_name": tensor_name,
             "prefix": prefix,
             "select": list(select) if select is not None and not isinstance(select, str) else select,
+            "devices": self._device_table() if gpus else None,
         }
         return Manifest.from_json(self._request("POST", "/v1/load", json=body))
 
-    def _views(self, manifest: Manifest) -> dict[str, torch.UntypedStorage]:
-        """Each storage of the manifest as a view of its arena, mapping each arena once per process."""
-        arenas = {info.id: self._map(info.id, info.path, info.nbytes) for info in manifest.arenas}
-        return {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
+    def _device_table(self) -> dict[str, str] | None:
+        """This process's ``cuda:N`` → GPU UUID (``None`` without GPUs)."""
+        if not self._devices_known:
+            self._devices = local_devices(os.environ)
+            self._devices_known = True
+        return self._devices.table() if self._devices else None
 
-    def _map(self, arena_id: str, path: str, nbytes: int) -> torch.UntypedStorage:
+    def _views(self, manifest: Manifest) -> tuple[dict[str, torch.UntypedStorage], frozenset[str]]:
+        """Each storage of the manifest as a view of its arena (each arena mapped or opened
+        once per process), and the keys already on their GPU."""
+        arenas = {info.id: self._map(info) for info in manifest.arenas}
+        on_gpu = {info.id for info in manifest.arenas if info.device != "cpu"}
+        views = {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
+        return views, frozenset(p.key for p in manifest.placements if p.arena in on_gpu)
+
+    def _map(self, info: ArenaInfo) -> torch.UntypedStorage:
         with self._lock:
-            ref = self._mappings.get(arena_id)
+            ref = self._mappings.get(info.id)
             mapping = ref() if ref else None
             if mapping is None:
-                storage, mapping = map_arena(path, nbytes)
-                self._mappings[arena_id] = weakref.ref(mapping)
-                weakref.finalize(mapping, self._leases.arena_gone, arena_id)
+                storage, mapping = self._open(info)
+                self._mappings[info.id] = weakref.ref(mapping)
+                weakref.finalize(mapping, self._leases.arena_gone, info.id)
                 return storage
-        return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
+        if info.device == "cpu":
+            return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
+        return mapping.storage()  # a GPU mapping rebuilds a storage on itself
+
+    def _open(self, info: ArenaInfo) -> tuple[torch.UntypedStorage, Any]:
+        if info.device == "cpu":
+            return map_arena(info.path, info.nbytes)
+        if info.handle is None or self._devices is None:
+            raise DaemonError(f"the daemon sent GPU arena {info.id} on {info.device}, but this process has no GPUs to open it")
+        return self._devices.open(info.handle)
 
     def _hold(self, manifest: Manifest, build: Any) -> Any:
         """Build the result, then keep its lease until its arenas are unmapped."""
@@ -294,7 +326,8 @@ def _json_map_location(map_location: MapLocation) -> str | dict[str, str] | None
         return None
     if isinstance(map_location, Mapping):
         return {str(k): str(v) for k, v in map_location.items()}
-    return target_tag(map_location, "cpu")  # None for a callable
+    # A callable is applied here to the CPU storage, as torch.load does: ask for host memory.
+    return target_tag(map_location, "cpu") or "cpu"
 
 
 def _transport(url: str) -> tuple[httpx.HTTPTransport, str]:

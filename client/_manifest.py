@@ -33,12 +33,14 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ArenaInfo:
-    """One shared-memory arena: a file the client maps copy-on-write."""
+    """One arena: a shared-memory file the client maps copy-on-write (``device`` ``'cpu'``),
+    or a GPU buffer (``device`` its UUID) the client opens through ``handle``."""
 
     id: str
     path: str
     nbytes: int
     device: str = "cpu"
+    handle: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class StorageSet:
     wanted: frozenset[str] = frozenset()
     views: dict[str, torch.UntypedStorage] = field(default_factory=dict)
     arenas: list[Arena] = field(default_factory=list)
+    placed: frozenset[str] = frozenset()  # views already on their device (the daemon's GPU arenas)
 
     _pending: Future[None] | None = None
 
@@ -77,6 +78,8 @@ class StorageSet:
             device = _META if key in self._meta_safe else _CPU
             return torch.UntypedStorage(record.nbytes, device=device)
         view = self.views.get(key)
+        if view is not None and key in self.placed:
+            return view
         if view is None:  # nothing was read: an empty storage, or a meta target
             view = torch.UntypedStorage(record.nbytes, device=_META if record.nbytes else _CPU)
         tag = target_tag(self.map_location, location)

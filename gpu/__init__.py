@@ -2,7 +2,10 @@
 
 An :class:`Arena` is one block of memory per (checkpoint, device): shared memory on the
 CPU, one device allocation elsewhere. :func:`fill` streams file ranges into an arena
-with parallel positional reads. This layer knows nothing of HTTP and touches no device
+with parallel positional reads. :class:`Devices` is the GPU backend the daemon places
+storages with, by GPU UUID: :class:`CudaDevices` (cupy) or :class:`SimulatedDevices`
+(host memory, for tests); :func:`fill_device` streams file ranges into a GPU buffer
+through host staging. This layer knows nothing of HTTP and touches no device
 until asked to allocate on it.
 
 >>> import torch
@@ -16,8 +19,9 @@ b'xyz'
 from __future__ import annotations
 
 from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, shm_arena
+from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, local_devices
 from ._errors import DeviceError
-from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill
+from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
 
 __all__ = [
     "ALIGNMENT",
@@ -25,12 +29,19 @@ __all__ = [
     "DEFAULT_THREADS",
     "Arena",
     "Copy",
+    "CudaDevices",
+    "DeviceBuffer",
     "DeviceError",
+    "DeviceInfo",
+    "Devices",
+    "SimulatedDevices",
     "align",
     "allocate",
     "chunks",
     "cpu_arena",
     "fill",
+    "fill_device",
+    "local_devices",
     "map_arena",
     "shm_arena",
 ]

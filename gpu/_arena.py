@@ -10,6 +10,7 @@ hand, but :meth:`Arena.close` drops the descriptor early.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import secrets
@@ -47,6 +48,24 @@ class Arena:
         if offset < 0 or offset + nbytes > self.nbytes:
             raise ValueError(f"view [{offset}, {offset + nbytes}) outside arena of {self.nbytes} bytes")
         return self.storage[offset : offset + nbytes]
+
+    def host_bytes(self, offset: int, nbytes: int) -> memoryview:
+        """``[offset, offset + nbytes)`` of a CPU arena as bytes, even after :meth:`close`
+        (valid while the arena's storage lives): what is copied to a GPU.
+
+        >>> with cpu_arena(8) as arena:
+        ...     arena.host[:3] = b"abc"
+        ...     arena.close()
+        ...     bytes(arena.host_bytes(1, 2))
+        b'bc'
+        """
+        if self.device.type != "cpu":
+            raise ValueError(f"an arena on {self.device} has no host bytes")
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + nbytes}) outside arena of {self.nbytes} bytes")
+        if nbytes == 0:
+            return memoryview(b"")
+        return memoryview((ctypes.c_char * nbytes).from_address(self.storage.data_ptr() + offset)).cast("B")
 
     @property
     def host(self) -> memoryview | None:

@@ -21,6 +21,7 @@ import torch
 from ckptd.formats import FileSource, Source
 
 from ._arena import Arena
+from ._devices import DeviceBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -160,3 +161,50 @@ def _staged_step(arena: Arena, chunk_bytes: int) -> Callable[[Source, Copy], Non
         target[copy.arena_offset : copy.arena_offset + copy.nbytes].copy_(local.tensor[: copy.nbytes])
 
     return step
+
+
+def fill_device(
+    source: Source,
+    buffer: DeviceBuffer,
+    copies: Iterable[Copy],
+    *,
+    staging: Callable[[int], memoryview],
+    threads: int = DEFAULT_THREADS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> None:
+    """Stream file ranges into a GPU buffer: each reader thread reads a chunk into its own
+    host staging buffer (``staging(n)``, pinned for CUDA), then copies it to the device.
+
+    >>> import tempfile
+    >>> from ckptd.formats import open_source
+    >>> from ckptd.gpu import SimulatedDevices
+    >>> gpus = SimulatedDevices(1, tempfile.mkdtemp())
+    >>> buf = gpus.allocate(gpus.visible()[0].uuid, 4)
+    >>> fill_device(open_source(b"abcdef"), buf, [Copy(1, 0, 4)], staging=gpus.host_buffer)
+    >>> out = memoryview(bytearray(4)); buf.read(0, out); bytes(out)
+    b'bcde'
+    >>> buf.free()
+    """
+    work = sorted(chunks(copies, chunk_bytes), key=lambda c: c.file_offset)
+    if not work:
+        return
+    local = threading.local()
+    pinned_write = getattr(buffer, "write_pinned", None)
+
+    def step(copy: Copy) -> None:
+        host = getattr(local, "host", None)
+        if host is None:
+            host = local.host = staging(chunk_bytes)
+        piece = host[: copy.nbytes]
+        source.readinto(piece, copy.file_offset)
+        if pinned_write is not None:
+            pinned_write(copy.arena_offset, piece, copy.nbytes)  # the staging buffer is pinned: no extra copy
+        else:
+            buffer.write(copy.arena_offset, piece)
+
+    if threads <= 1 or len(work) == 1 or source.fileno() is None:
+        for copy in work:
+            step(copy)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptd-gpu-read") as pool:
+        list(pool.map(step, work))

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ckptd
@@ -80,6 +80,7 @@ class CacheService(Protocol):
         tensor_name: str | None = None,
         prefix: str | None = None,
         select: str | list[str] | None = None,
+        devices: dict[str, str] | None = None,
     ) -> JsonReady: ...
     def prefetch(self, path: str) -> JsonReady: ...
     def checkpoints(self) -> list[Any]: ...
@@ -104,6 +105,9 @@ class LoadRequest(BaseModel):
     tensor_name: str | None = None
     prefix: str | None = None
     select: str | list[str] | None = None
+    devices: dict[str, str] | None = Field(
+        default=None, description="the client's GPUs, cuda:N -> UUID, so cuda:N means the client's GPU"
+    )
 
 
 class PrefetchRequest(BaseModel):
@@ -298,6 +302,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
             tensor_name=request.tensor_name,
             prefix=request.prefix,
             select=request.select,
+            devices=request.devices,
         )
         return JSONResponse(manifest.to_json())
 

@@ -7,6 +7,10 @@ clients map copy-on-write. Loads of one entry are single-flight: the first reads
 missing while the others wait on the entry's lock, then find it resident. Under the host
 budget, least recently used entries that no lease holds are evicted; a load that cannot
 fit fails with :class:`OverBudgetError` instead of exhausting memory.
+
+With a GPU backend (a :class:`DeviceTier`), storages that ``map_location`` sends to a GPU
+are kept there instead, placed by the GPU's UUID: the client sends its own ``cuda:N`` →
+UUID table, so ``cuda:0`` under ``CUDA_VISIBLE_DEVICES=1`` is the daemon's GPU 1.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +32,7 @@ import torch
 
 from ckptd._exceptions import (
     CheckpointBusyError,
+    DeviceError,
     OverBudgetError,
     PathNotAllowedError,
     UnsupportedFormatError,
@@ -48,6 +54,7 @@ from ckptd.formats import (
 )
 from ckptd.gpu import Arena, shm_arena
 
+from ._devtier import DeviceTier
 from ._leases import LeaseTable
 
 logger = logging.getLogger(__name__)
@@ -133,7 +140,7 @@ class Cache:
     []
     """
 
-    def __init__(self, settings: CacheSettings, metrics: CacheMetrics | None) -> None:
+    def __init__(self, settings: CacheSettings, metrics: CacheMetrics | None, tier: DeviceTier | None = None) -> None:
         self._roots = [Path(os.path.realpath(root)) for root in settings.roots]
         self._budget = settings.host_budget
         self._shm_dir = str(settings.shm_dir)
@@ -144,8 +151,11 @@ class Cache:
         self._reserved = 0  # bytes being read right now, already counted against the budget
         self._evictions = 0
         self._lock = threading.RLock()
+        self._tier = tier
         if metrics:
             metrics.set_budget("cpu", self._budget)
+            for uuid, budget in (tier.budgets if tier else {}).items():
+                metrics.set_budget(uuid, budget)
 
     # --- requests -------------------------------------------------------------------
 
@@ -157,11 +167,14 @@ class Cache:
         tensor_name: str | None = None,
         prefix: str | None = None,
         select: Select = None,
+        devices: Mapping[str, str] | None = None,
     ) -> Manifest:
         """Make the requested storages resident; return where they are, under a new lease.
 
-        ``map_location`` is checked for form; storages are kept in host memory and the
-        client places them (the GPU tier is the device layer's to add).
+        ``map_location`` is a device string or a dict of location tags. Storages it sends
+        to ``cuda:N`` go to the GPU whose UUID is ``devices['cuda:N']`` (the client's own
+        table) when the daemon has GPUs; everything else stays in host memory and the
+        client places it.
         """
         _check_map_location(map_location)
         started = time.perf_counter()
@@ -172,9 +185,14 @@ class Cache:
                 select = None  # tensor_name wins, as in the client
             wanted = wanted_entries(layout, tensor_name, prefix, select)
             keys = list(layout.storages) if wanted is None else keys_of(wanted)
-            self._make_resident(entry, layout, keys)
+            gpu = self._gpu_targets(layout, keys, map_location, devices)
+            on_gpu = {k for ks in gpu.values() for k in ks}
+            swap = layout.byteorder != sys.byteorder  # GPU copies come from the host copy, swapped there
+            self._make_resident(entry, layout, [k for k in keys if k not in on_gpu or swap])
+            for uuid, gpu_keys in gpu.items():
+                self._place_on_gpu(entry, layout, uuid, gpu_keys)
             lease = self.leases.create(entry.id)
-            manifest = self._manifest(entry, layout, keys, lease.id)
+            manifest = self._manifest(entry, layout, [k for k in keys if k not in on_gpu], lease.id, gpu)
         self._observe(started)
         return manifest
 
@@ -235,13 +253,15 @@ class Cache:
             resident = sum(e.nbytes for e in entries)
         return {
             "checkpoints": len(entries),
-            "resident_bytes": {"cpu": resident},
-            "budget_bytes": {"cpu": self._budget},
+            "resident_bytes": {"cpu": resident, **(self._tier.resident() if self._tier else {})},
+            "budget_bytes": {"cpu": self._budget, **(self._tier.budgets if self._tier else {})},
             "leases": self.leases.total(),
             "hits": sum(e.hits for e in entries),
             "misses": sum(e.misses for e in entries),
             "evictions": self._evictions,
-            "gpu_sharing": "none (host memory only)",
+            "gpu_sharing": self._tier.devices.sharing if self._tier else "none (no GPU backend: host memory only)",
+            "host_tier_bytes": self._tier.tier_bytes() if self._tier else 0,
+            "gpu_evictions": self._tier.evictions if self._tier else 0,
         }
 
     def close(self) -> None:
@@ -250,6 +270,8 @@ class Cache:
             for entry in list(self._entries.values()):
                 self.leases.drop_checkpoint(entry.id)
                 self._drop(entry)
+            if self._tier:
+                self._tier.close()
 
     # --- entries --------------------------------------------------------------------
 
@@ -359,13 +381,57 @@ class Cache:
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != entry.identity:
             raise CheckpointError(entry.path, "changed while being loaded; retry the load")
 
-    def _manifest(self, entry: _Entry, layout: Layout, keys: list[str], lease: str) -> Manifest:
-        placements = tuple(entry.placements[k] for k in keys if k in entry.placements)
+    def _manifest(self, entry: _Entry, layout: Layout, keys: list[str], lease: str, gpu: Mapping[str, list[str]]) -> Manifest:
+        placements = [entry.placements[k] for k in keys if k in entry.placements]
         used = {p.arena for p in placements}
-        arenas = tuple(
+        arenas = [
             ArenaInfo(arena_id, arena.path or "", arena.nbytes) for arena_id, arena in entry.arenas.items() if arena_id in used
-        )
-        return Manifest(entry.id, entry.path, layout, arenas, placements, lease, self.leases.ttl)
+        ]
+        if gpu and self._tier:
+            gpu_arenas, gpu_placements = self._tier.manifest(entry.id, gpu)
+            arenas += gpu_arenas
+            placements += gpu_placements
+        return Manifest(entry.id, entry.path, layout, tuple(arenas), tuple(placements), lease, self.leases.ttl)
+
+    # --- GPUs ---------------------------------------------------------------------------
+
+    def _gpu_targets(
+        self, layout: Layout, keys: list[str], map_location: str | dict[str, str] | None, devices: Mapping[str, str] | None
+    ) -> dict[str, list[str]]:
+        """GPU UUID -> the keys ``map_location`` sends there (none without GPUs or a client table)."""
+        groups: dict[str, list[str]] = {}
+        if self._tier is None or not devices:
+            return groups  # host memory; the client places (and raises torch's errors)
+        for key in keys:
+            tag = target_tag(map_location, layout.storages[key].location)
+            if tag is None or not (tag == "cuda" or tag.startswith("cuda:")):
+                continue
+            index = _cuda_index(tag)
+            uuid = devices.get(f"cuda:{index}")
+            if uuid is None:
+                raise DeviceError(
+                    f"Attempting to deserialize object on CUDA device {index} but torch.cuda.device_count() is "
+                    f"{len(devices)}. Please use torch.load with map_location to map your storages to an existing device."
+                )
+            self._tier.devices.by_uuid(uuid)  # the daemon must see that GPU too
+            groups.setdefault(uuid, []).append(key)
+        return groups
+
+    def _place_on_gpu(self, entry: _Entry, layout: Layout, uuid: str, keys: list[str]) -> None:
+        assert self._tier is not None
+
+        def host(key: str) -> memoryview | None:
+            placement = entry.placements.get(key)
+            return None if placement is None else entry.arenas[placement.arena].host_bytes(placement.offset, placement.nbytes)
+
+        def evictable(entry_id: str) -> bool:
+            other = self._entries.get(entry_id)
+            return not self.leases.count(entry_id) and (other is None or not other.lock.locked())
+
+        read = self._tier.place(entry.id, entry.path, layout, uuid, keys, host=host, evictable=evictable)
+        if self._metrics and read:
+            self._metrics.read(read)
+        self._report()
 
     # --- budget and eviction ----------------------------------------------------------
 
@@ -413,6 +479,8 @@ class Cache:
             arena.close()
         entry.arenas.clear()
         entry.placements.clear()
+        if self._tier:
+            self._tier.drop(entry.id)
         self._entries.pop(entry.id, None)
         if self._current.get(entry.path) == entry.id:
             del self._current[entry.path]
@@ -427,7 +495,7 @@ class Cache:
             path=entry.path,
             identity=entry.identity,
             format=layout.format.value if layout else Format.TORCH_ZIP.value,
-            resident_bytes={"cpu": entry.nbytes},
+            resident_bytes={"cpu": entry.nbytes, **(self._tier.resident_of(entry.id) if self._tier else {})},
             storages_resident=len(entry.placements),
             storages_total=len(layout.storages) if layout else 0,
             leases=self.leases.count(entry.id),
@@ -446,11 +514,26 @@ class Cache:
             with self._lock:
                 resident = self._resident()
             self._metrics.set_resident("cpu", resident)
+            for uuid, nbytes in (self._tier.resident() if self._tier else {}).items():
+                self._metrics.set_resident(uuid, nbytes)
             self._metrics.set_leases(self.leases.total())
 
 
 def _entry_id(path: str, identity: Identity) -> str:
     return hashlib.sha256(f"{path}\0{identity}".encode()).hexdigest()[:12]
+
+
+def _cuda_index(tag: str) -> int:
+    """``'cuda'`` → 0 (torch's current device in a fresh process), ``'cuda:3'`` → 3."""
+    if tag == "cuda":
+        return 0
+    try:
+        index = int(tag.split(":", 1)[1])
+    except ValueError as exc:
+        raise DeviceError(f"Invalid device string: '{tag}'") from exc
+    if index < 0:
+        raise DeviceError(f"Device index must not be negative: '{tag}'")
+    return index
 
 
 def _check_map_location(map_location: object) -> None:

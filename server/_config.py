@@ -13,7 +13,11 @@ token_file           CKPTD_TOKEN_FILE        none (owner-only file holding the t
 allow_insecure_tcp   CKPTD_ALLOW_INSECURE_TCP  false: TCP needs a token
 public_metrics       CKPTD_PUBLIC_METRICS    false: ``/metrics`` needs the token too
 host_budget          CKPTD_HOST_BUDGET       50% of RAM; ``16GiB``, ``500MB``, ``75%``
-gpu_budget           CKPTD_GPU_BUDGET        none; ``cuda:0=40GiB,cuda:1=40GiB`` or JSON
+devices              CKPTD_DEVICES           ``auto``: CUDA through cupy where there are GPUs;
+                                             ``cuda``, ``simulated`` (tests), ``none``
+simulated_gpus       CKPTD_SIMULATED_GPUS    0 (how many with ``devices=simulated``)
+gpu_budget           CKPTD_GPU_BUDGET        90% of each GPU; ``cuda:0=40GiB,cuda:1=40GiB`` or JSON
+host_tier_budget     CKPTD_HOST_TIER_BUDGET  25% of RAM: host copies of evicted GPU arenas
 shm_dir              CKPTD_SHM_DIR           ``/dev/shm``
 lease_ttl            CKPTD_LEASE_TTL         30 seconds
 max_body_bytes       CKPTD_MAX_BODY_BYTES    1 MiB
@@ -34,7 +38,7 @@ import stat
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -153,7 +157,10 @@ class Settings(BaseSettings):
     allow_insecure_tcp: bool = False
     public_metrics: bool = False  # Prometheus annotation scraping sends no token
     host_budget: int = Field(default_factory=_default_host_budget)
+    devices: Literal["auto", "cuda", "simulated", "none"] = "auto"
+    simulated_gpus: int = Field(default=0, ge=0)
     gpu_budget: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    host_tier_budget: int = Field(default_factory=lambda: host_memory() // 4)
     shm_dir: Path = Path("/dev/shm")
     lease_ttl: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
@@ -191,6 +198,11 @@ class Settings(BaseSettings):
     def _parse_host_budget(cls, value: Any) -> Any:
         return parse_size(value, total=host_memory()) if isinstance(value, str) else value
 
+    @field_validator("host_tier_budget", mode="before")
+    @classmethod
+    def _parse_host_tier_budget(cls, value: Any) -> Any:
+        return parse_size(value, total=host_memory()) if isinstance(value, str) else value
+
     @field_validator("gpu_budget", mode="before")
     @classmethod
     def _parse_gpu_budget(cls, value: Any) -> Any:
@@ -206,6 +218,12 @@ class Settings(BaseSettings):
         if value.lower() not in LOG_LEVELS:
             raise ValueError(f"{value!r} is not a log level ({', '.join(LOG_LEVELS)})")
         return value.lower()
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> Settings:
+        if self.devices == "simulated" and not self.simulated_gpus:
+            raise ValueError("devices=simulated needs simulated_gpus > 0 (--simulated-gpus N)")
+        return self
 
     @model_validator(mode="after")
     def _check_tcp(self) -> Settings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import importlib.util
 import logging
 import os
 import signal
@@ -28,10 +29,12 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from ckptd._exceptions import DaemonError, UsageError
+from ckptd.gpu import CudaDevices, Devices, SimulatedDevices
 
 from ._app import create_app
 from ._cache import Cache
 from ._config import Settings
+from ._devtier import DeviceTier
 from ._metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,42 @@ logger = logging.getLogger(__name__)
 OnReady = Callable[[list[str]], None]
 BACKLOG = 2048
 GRACEFUL_SHUTDOWN_S = 10.0
+
+
+def device_tier(settings: Settings) -> DeviceTier | None:
+    """The GPU tier ``settings.devices`` asks for (``None``: host memory only).
+
+    ``auto`` uses CUDA through cupy when cupy is installed and sees a GPU; ``cuda``
+    insists (a :class:`DeviceError` says what is missing). Budgets are per GPU by the
+    daemon's ordinal (``cuda:0=40GiB``), 90% of each GPU's memory where not given.
+    """
+    devices = _open_devices(settings)
+    if devices is None:
+        return None
+    visible = {f"cuda:{d.index}": d for d in devices.visible()}
+    unknown = sorted(set(settings.gpu_budget) - set(visible))
+    if unknown:
+        raise UsageError(f"gpu_budget names {unknown}, but the daemon's GPUs are {sorted(visible) or 'none'}")
+    budgets = {d.uuid: settings.gpu_budget.get(name, int(d.total_memory * 0.9)) for name, d in visible.items()}
+    logger.info("GPUs: %s (%s)", ", ".join(f"{n}={d.uuid}" for n, d in visible.items()) or "none", devices.sharing)
+    return DeviceTier(devices, budgets, settings.host_tier_budget)
+
+
+def _open_devices(settings: Settings) -> Devices | None:
+    if settings.devices == "none":
+        return None
+    if settings.devices == "simulated":
+        return SimulatedDevices(settings.simulated_gpus, settings.shm_dir)
+    if settings.devices == "cuda":
+        return CudaDevices()
+    if importlib.util.find_spec("cupy") is None:
+        return None
+    try:
+        devices = CudaDevices()
+    except Exception as exc:  # noqa: BLE001  (auto: any failure to reach CUDA means no GPU tier)
+        logger.warning("no GPU tier: %s", exc)
+        return None
+    return devices if devices.visible() else None
 
 
 class Server:
@@ -59,7 +98,7 @@ class Server:
         self.settings = settings
         self.on_ready = on_ready
         self.metrics = Metrics()
-        self.cache = Cache(settings, self.metrics)
+        self.cache = Cache(settings, self.metrics, device_tier(settings))
         self.app = create_app(self.cache, settings, self.metrics)
         self.urls: list[str] = []
         self._uvicorn: _Uvicorn | None = None

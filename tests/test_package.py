@@ -76,6 +76,19 @@ def test_layers_depend_one_way() -> None:
     """formats: stdlib + torch; gpu: + formats; the engine never imports the daemon's HTTP stack."""
     root = Path(__file__).resolve().parents[1]
     assert _foreign(_imports(root / "formats"), set()) == set()
-    assert _foreign(_imports(root / "gpu"), {"ckptd.formats"}) == set()
+    assert _foreign(_imports(root / "gpu"), {"ckptd.formats", "cupy"}) == set()  # cupy only when CUDA devices are made
     client = _foreign(_imports(root / "client"), {"tqdm", "httpx"})
     assert {n for n in client if not n.startswith("ckptd") or n.startswith("ckptd.server")} == set()
+
+
+def test_http_layer_knows_nothing_of_cuda() -> None:
+    """The FastAPI app sees the cache through a protocol: no device layer, no cupy, no torch.cuda."""
+    app = Path(__file__).resolve().parents[1] / "server" / "_app.py"
+    names: set[str] = set()
+    tree = ast.parse(app.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    assert not {n for n in names if n.startswith(("ckptd.gpu", "cupy", "torch"))}

@@ -155,18 +155,20 @@ def test_load_passes_every_argument(client: TestClient, cache: FakeCache) -> Non
         "tensor_name": "w",
         "prefix": "model",
         "select": ["a", "b"],
+        "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"},
     }
     response = client.post("/v1/load", json=body)
     assert response.status_code == 200
     assert response.json() == {"checkpoint": "ck1", "path": "/m/a.pt", "lease": "L1", "lease_ttl": 30.0}
     assert cache.calls == [
-        ("load", ("/m/a.pt",), {"map_location": {"cuda:1": "cuda:0"}, "tensor_name": "w", "prefix": "model", "select": ["a", "b"]})
+        ("load", ("/m/a.pt",), {"map_location": {"cuda:1": "cuda:0"}, "tensor_name": "w", "prefix": "model", "select": ["a", "b"],
+                                "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"}})
     ]
 
 
 def test_load_defaults(client: TestClient, cache: FakeCache) -> None:
     assert client.post("/v1/load", json={"path": "/m/a.pt", "map_location": "cpu", "select": "layers.0."}).status_code == 200
-    assert cache.calls[0][2] == {"map_location": "cpu", "tensor_name": None, "prefix": None, "select": "layers.0."}
+    assert cache.calls[0][2] == {"map_location": "cpu", "tensor_name": None, "prefix": None, "select": "layers.0.", "devices": None}
 
 
 def test_prefetch(client: TestClient, cache: FakeCache) -> None:
@@ -264,7 +266,7 @@ def test_openapi_lists_the_v1_routes(client: TestClient) -> None:
     assert {"/healthz", "/metrics"} <= set(paths)
     load_body = schema["components"]["schemas"]["LoadRequest"]
     assert load_body["additionalProperties"] is False
-    assert set(load_body["properties"]) == {"path", "map_location", "tensor_name", "prefix", "select"}
+    assert set(load_body["properties"]) == {"path", "map_location", "tensor_name", "prefix", "select", "devices"}
     assert client.get("/docs").status_code == 200
 
 

@@ -1,0 +1,444 @@
+"""GPU devices behind one interface: CUDA (through cupy) and simulated devices for tests.
+
+A process names GPUs by ordinal (``cuda:0`` ...) but which physical GPU that is depends
+on ``CUDA_VISIBLE_DEVICES``; between processes a GPU is named by its UUID. A
+:class:`Devices` backend lists the GPUs this process sees (ordinal → UUID), allocates
+one :class:`DeviceBuffer` per arena outside torch's caching allocator, moves bytes
+host → device, device → host and device → device, exports a buffer as an IPC handle
+(plain JSON) and opens such a handle in another process as a torch storage.
+
+:class:`SimulatedDevices` backs each "GPU" with a shared-memory file, so the daemon's
+placement, peer-copy, tiering, lease and IPC-lifecycle logic runs in CI without CUDA;
+it counts every byte it moves so tests can tell a peer copy from a disk read.
+
+Nothing here touches CUDA at import time: :class:`CudaDevices` imports cupy when made.
+
+>>> import tempfile
+>>> sim = SimulatedDevices(2, tempfile.mkdtemp())
+>>> [d.index for d in sim.visible()], sim.visible()[1].uuid
+([0, 1], 'GPU-5e1a0000-0000-4000-8000-000000000001')
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import contextlib
+import logging
+import mmap
+import os
+import secrets
+import threading
+import uuid as uuidlib
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._arena import map_arena
+from ._errors import DeviceError
+
+logger = logging.getLogger(__name__)
+
+SIMULATED_UUID = "GPU-5e1a0000-0000-4000-8000-{:012x}"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One GPU as this process sees it: ``cuda:<index>`` is the physical GPU ``uuid``."""
+
+    index: int
+    uuid: str
+    name: str
+    total_memory: int
+
+
+class DeviceBuffer(abc.ABC):
+    """One allocation on one GPU: an arena's memory. Free it with :meth:`free`."""
+
+    def __init__(self, device: DeviceInfo, nbytes: int) -> None:
+        self.device = device
+        self.nbytes = nbytes
+
+    def _check(self, offset: int, nbytes: int) -> None:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
+            raise DeviceError(f"[{offset}, {offset + nbytes}) is outside a {self.nbytes}-byte buffer on {self.device.uuid}")
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: memoryview) -> None:
+        """Copy host bytes to ``offset`` (returns once they are on the device)."""
+
+    @abc.abstractmethod
+    def read(self, offset: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes at ``offset`` to host memory."""
+
+    @abc.abstractmethod
+    def copy_from(self, offset: int, source: DeviceBuffer, source_offset: int, nbytes: int) -> None:
+        """Copy device to device (peer copy across GPUs), without the host."""
+
+    @abc.abstractmethod
+    def export(self) -> dict[str, Any]:
+        """An IPC handle another process opens with :meth:`Devices.open` (JSON-ready)."""
+
+    @abc.abstractmethod
+    def free(self) -> None:
+        """Release the memory (idempotent); processes that opened it keep their mapping."""
+
+
+class Devices(abc.ABC):
+    """A GPU backend: the GPUs this process sees and what can be done with them."""
+
+    kind: str
+    sharing: str  # how other processes map buffers, for ``ckptd stats``
+
+    @abc.abstractmethod
+    def visible(self) -> tuple[DeviceInfo, ...]:
+        """The GPUs this process sees, by ordinal."""
+
+    def by_uuid(self, uuid: str) -> DeviceInfo:
+        """The visible GPU with this UUID; :class:`DeviceError` if it is not one of them."""
+        for device in self.visible():
+            if device.uuid == uuid:
+                return device
+        raise DeviceError(f"GPU {uuid} is not visible to this process (visible: {[d.uuid for d in self.visible()]})")
+
+    def uuid_of(self, index: int) -> str:
+        """The UUID of ``cuda:<index>``, with torch's error when there is no such device."""
+        devices = self.visible()
+        if not 0 <= index < len(devices):
+            raise DeviceError(
+                f"Attempting to deserialize object on CUDA device {index} but torch.cuda.device_count() is {len(devices)}. "
+                "Please use torch.load with map_location to map your storages to an existing device."
+            )
+        return devices[index].uuid
+
+    def table(self) -> dict[str, str]:
+        """``{'cuda:0': uuid, ...}``: what a client sends so the daemon places by UUID."""
+        return {f"cuda:{d.index}": d.uuid for d in self.visible()}
+
+    @abc.abstractmethod
+    def allocate(self, uuid: str, nbytes: int) -> DeviceBuffer:
+        """A new buffer of ``nbytes`` on the GPU ``uuid`` (outside torch's caching allocator)."""
+
+    @abc.abstractmethod
+    def open(self, handle: Mapping[str, Any]) -> tuple[torch.UntypedStorage, object]:
+        """Open an exported buffer: its bytes as a storage, and the mapping object.
+
+        The mapping lives as long as any storage built on it (weakly referenceable: its
+        owner learns when it is gone); the handle is closed then.
+        """
+
+    def host_buffer(self, nbytes: int) -> memoryview:
+        """A host staging buffer (pinned where the backend can pin)."""
+        return memoryview(bytearray(nbytes))
+
+
+# ---------------------------------------------------------------------------------------
+# Simulated devices
+# ---------------------------------------------------------------------------------------
+
+
+class _SimBuffer(DeviceBuffer):
+    def __init__(self, owner: SimulatedDevices, device: DeviceInfo, nbytes: int) -> None:
+        super().__init__(device, nbytes)
+        self._owner = owner
+        self.path = os.path.join(owner.directory, f"ckptd-gpu{device.index}-{secrets.token_hex(8)}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            self._map: mmap.mmap | None = mmap.mmap(fd, nbytes) if nbytes else None
+        finally:
+            os.close(fd)
+
+    def _mem(self) -> memoryview:
+        if self._map is None:
+            if self.nbytes:
+                raise DeviceError(f"buffer on {self.device.uuid} was freed")
+            return memoryview(b"")
+        return memoryview(self._map)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._check(offset, len(data))
+        self._mem()[offset : offset + len(data)] = data
+        self._owner.count("h2d", len(data))
+
+    def read(self, offset: int, out: memoryview) -> None:
+        self._check(offset, len(out))
+        out[:] = self._mem()[offset : offset + len(out)]
+        self._owner.count("d2h", len(out))
+
+    def copy_from(self, offset: int, source: DeviceBuffer, source_offset: int, nbytes: int) -> None:
+        self._check(offset, nbytes)
+        if not isinstance(source, _SimBuffer):
+            raise DeviceError("a simulated buffer copies only from another simulated buffer")
+        source._check(source_offset, nbytes)
+        self._mem()[offset : offset + nbytes] = source._mem()[source_offset : source_offset + nbytes]
+        self._owner.count("peer", nbytes)
+
+    def export(self) -> dict[str, Any]:
+        return {"kind": "simulated", "uuid": self.device.uuid, "path": self.path, "nbytes": self.nbytes}
+
+    def free(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+            self._owner.freed(self)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class SimulatedDevices(Devices):
+    """``count`` fake GPUs backed by shared-memory files in ``directory``.
+
+    ``visible`` lists the physical GPUs this process sees, in order, as
+    ``CUDA_VISIBLE_DEVICES`` would (default: all). ``memory`` is each GPU's size.
+    :attr:`moved` counts bytes per direction (``h2d``, ``d2h``, ``peer``) and
+    :attr:`allocated` the bytes held per UUID.
+    """
+
+    kind = "simulated"
+    sharing = "simulated (shared-memory files mapped copy-on-write)"
+
+    def __init__(self, count: int, directory: str | os.PathLike[str], *, visible: Sequence[int] | None = None,
+                 memory: int = 16 << 30) -> None:
+        if count < 0:
+            raise DeviceError(f"simulated GPU count must be >= 0, not {count}")
+        self.directory = os.fspath(directory)
+        order = list(range(count)) if visible is None else list(visible)
+        if any(not 0 <= i < count for i in order) or len(set(order)) != len(order):
+            raise DeviceError(f"visible GPUs {order} do not name distinct GPUs among {count}")
+        self._devices = tuple(
+            DeviceInfo(local, SIMULATED_UUID.format(physical), f"Simulated GPU {physical}", memory)
+            for local, physical in enumerate(order)
+        )
+        self.moved = {"h2d": 0, "d2h": 0, "peer": 0}
+        self.allocated: dict[str, int] = {d.uuid: 0 for d in self._devices}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], directory: str | os.PathLike[str]) -> SimulatedDevices:
+        """``CKPTD_SIMULATED_GPUS`` fake GPUs, seen through ``CUDA_VISIBLE_DEVICES`` like real ones."""
+        count = int(environ.get("CKPTD_SIMULATED_GPUS", "0") or 0)
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        order = None if visible is None else [int(part) for part in visible.split(",") if part.strip()]
+        return cls(count, directory, visible=order)
+
+    def visible(self) -> tuple[DeviceInfo, ...]:
+        return self._devices
+
+    def allocate(self, uuid: str, nbytes: int) -> DeviceBuffer:
+        device = self.by_uuid(uuid)
+        with self._lock:
+            if self.allocated[uuid] + nbytes > device.total_memory:
+                raise DeviceError(f"out of memory on {uuid}: {nbytes} bytes requested, {self.allocated[uuid]} in use")
+            self.allocated[uuid] += nbytes
+        return _SimBuffer(self, device, nbytes)
+
+    def freed(self, buffer: _SimBuffer) -> None:
+        with self._lock:
+            self.allocated[buffer.device.uuid] -= buffer.nbytes
+
+    def count(self, direction: str, nbytes: int) -> None:
+        with self._lock:
+            self.moved[direction] += nbytes
+
+    def open(self, handle: Mapping[str, Any]) -> tuple[torch.UntypedStorage, object]:
+        if handle.get("kind") != "simulated":
+            raise DeviceError(f"cannot open a {handle.get('kind')!r} handle with simulated devices")
+        self.by_uuid(str(handle["uuid"]))  # the GPU must be visible here too, as with CUDA IPC
+        if not handle["nbytes"]:
+            return torch.UntypedStorage(0), _Opened()
+        return map_arena(str(handle["path"]), int(handle["nbytes"]))
+
+
+class _Opened:
+    """A weakly referenceable token for an empty opened buffer."""
+
+    def storage(self) -> torch.UntypedStorage:
+        return torch.UntypedStorage(0)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA, through cupy
+# ---------------------------------------------------------------------------------------
+
+
+def _uuid_string(raw: bytes | str) -> str:
+    """``GPU-xxxxxxxx-...`` from the 16 raw bytes cupy gives or the string torch gives."""
+    if isinstance(raw, bytes):
+        return f"GPU-{uuidlib.UUID(bytes=raw[:16])}"
+    text = str(raw)
+    return text if text.startswith("GPU-") else f"GPU-{text}"
+
+
+class _CudaBuffer(DeviceBuffer):
+    def __init__(self, owner: CudaDevices, device: DeviceInfo, nbytes: int) -> None:
+        super().__init__(device, nbytes)
+        self._cp = owner.cupy
+        self._owner = owner
+        with self._cp.cuda.Device(device.index):
+            self.ptr = self._cp.cuda.runtime.malloc(max(nbytes, 1)) if nbytes else 0
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._check(offset, len(data))
+        staging = self._owner.staging(len(data))
+        staging[: len(data)] = data
+        self._h2d(offset, staging, len(data))
+
+    def write_pinned(self, offset: int, pinned: Any, nbytes: int) -> None:
+        """Host → device from a pinned buffer (:meth:`CudaDevices.host_buffer`), no extra copy."""
+        self._check(offset, nbytes)
+        self._h2d(offset, pinned, nbytes)
+
+    def _h2d(self, offset: int, host: memoryview, nbytes: int) -> None:
+        rt = self._cp.cuda.runtime
+        with self._cp.cuda.Device(self.device.index):
+            stream = self._owner.stream(self.device.index)
+            rt.memcpyAsync(self.ptr + offset, _address(host), nbytes, rt.memcpyHostToDevice, stream.ptr)
+            stream.synchronize()
+
+    def read(self, offset: int, out: memoryview) -> None:
+        self._check(offset, len(out))
+        rt = self._cp.cuda.runtime
+        with self._cp.cuda.Device(self.device.index):
+            staging = self._owner.staging(len(out))
+            rt.memcpy(_address(staging), self.ptr + offset, len(out), rt.memcpyDeviceToHost)
+            out[:] = staging[: len(out)]
+
+    def copy_from(self, offset: int, source: DeviceBuffer, source_offset: int, nbytes: int) -> None:
+        self._check(offset, nbytes)
+        if not isinstance(source, _CudaBuffer):
+            raise DeviceError("a CUDA buffer copies only from another CUDA buffer")
+        source._check(source_offset, nbytes)
+        rt = self._cp.cuda.runtime
+        with self._cp.cuda.Device(self.device.index):
+            rt.memcpyPeer(self.ptr + offset, self.device.index, source.ptr + source_offset, source.device.index, nbytes)
+
+    def export(self) -> dict[str, Any]:
+        handle = self._cp.cuda.runtime.ipcGetMemHandle(self.ptr) if self.nbytes else b""
+        return {"kind": "cuda-ipc", "uuid": self.device.uuid, "nbytes": self.nbytes, "handle": base64.b64encode(handle).decode()}
+
+    def free(self) -> None:
+        if self.ptr:
+            with self._cp.cuda.Device(self.device.index):
+                self._cp.cuda.runtime.free(self.ptr)
+            self.ptr = 0
+
+
+def _address(buffer: memoryview) -> int:
+    """The host address of a writable buffer (a pinned buffer's or a bytearray's)."""
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+class _IpcMapping:
+    """An opened CUDA IPC handle; closed when the last storage built on it is gone."""
+
+    def __init__(self, cp: Any, device_index: int, ptr: int, nbytes: int) -> None:
+        self._cp, self._device, self._ptr, self._nbytes = cp, device_index, ptr, nbytes
+        weakref.finalize(self, _close_ipc, cp, device_index, ptr)
+
+    def storage(self) -> torch.UntypedStorage:
+        """The whole buffer as a torch storage on its GPU (it keeps this mapping alive)."""
+        cp = self._cp
+        with cp.cuda.Device(self._device):
+            memory = cp.cuda.UnownedMemory(self._ptr, self._nbytes, self, self._device)
+            array = cp.ndarray((self._nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(memory, 0))
+            return torch.from_dlpack(array).untyped_storage()
+
+
+def _close_ipc(cp: Any, device_index: int, ptr: int) -> None:
+    with contextlib.suppress(Exception):  # at interpreter exit the context may already be gone
+        with cp.cuda.Device(device_index):
+            cp.cuda.runtime.ipcCloseMemHandle(ptr)
+
+
+class CudaDevices(Devices):
+    """The real GPUs, through cupy (the ``gpu`` extra): legacy read-write CUDA IPC handles.
+
+    Read-only client mappings through CUDA virtual memory management are not implemented
+    yet; :attr:`sharing` says so, and ``ckptd stats`` reports it.
+    """
+
+    kind = "cuda"
+    sharing = "cuda-ipc (legacy read-write handles)"
+
+    def __init__(self) -> None:
+        try:
+            import cupy
+        except ImportError as exc:
+            raise DeviceError("CUDA devices need cupy: pip install 'ckptd[gpu]'") from exc
+        self.cupy = cupy
+        rt = cupy.cuda.runtime
+        devices = []
+        for index in range(rt.getDeviceCount()):
+            props = rt.getDeviceProperties(index)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            devices.append(DeviceInfo(index, _uuid_string(props["uuid"]), name, int(props["totalGlobalMem"])))
+        self._devices = tuple(devices)
+        self._local = threading.local()
+
+    def visible(self) -> tuple[DeviceInfo, ...]:
+        return self._devices
+
+    def stream(self, index: int) -> Any:
+        """This thread's stream on GPU ``index`` (one per reader thread and device)."""
+        streams = self._local.__dict__.setdefault("streams", {})
+        if index not in streams:
+            with self.cupy.cuda.Device(index):
+                streams[index] = self.cupy.cuda.Stream(non_blocking=True)
+        return streams[index]
+
+    def staging(self, nbytes: int) -> memoryview:
+        """This thread's pinned staging buffer, at least ``nbytes`` long."""
+        current = getattr(self._local, "staging", None)
+        if current is None or len(current) < nbytes:
+            current = self._local.staging = self.host_buffer(max(nbytes, 16 << 20))
+        return current
+
+    def host_buffer(self, nbytes: int) -> memoryview:
+        try:
+            pinned = self.cupy.cuda.alloc_pinned_memory(nbytes)
+        except Exception as exc:  # cupy raises its own CUDARuntimeError; pinning may be refused
+            logger.warning("pinning %d bytes failed (%s); staging through pageable memory", nbytes, exc)
+            return memoryview(bytearray(nbytes))
+        return memoryview(pinned).cast("B")[:nbytes]
+
+    def allocate(self, uuid: str, nbytes: int) -> DeviceBuffer:
+        device = self.by_uuid(uuid)
+        try:
+            return _CudaBuffer(self, device, nbytes)
+        except self.cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise DeviceError(f"cannot allocate {nbytes} bytes on {uuid}: {exc}") from exc
+
+    def open(self, handle: Mapping[str, Any]) -> tuple[torch.UntypedStorage, object]:
+        return open_cuda_ipc(handle, self.cupy, self.by_uuid(str(handle["uuid"])).index)
+
+
+def open_cuda_ipc(handle: Mapping[str, Any], cp: Any, device_index: int) -> tuple[torch.UntypedStorage, object]:
+    """Open a ``cuda-ipc`` handle on ``cuda:<device_index>`` as a torch storage (through DLPack)."""
+    if handle.get("kind") != "cuda-ipc":
+        raise DeviceError(f"cannot open a {handle.get('kind')!r} handle as CUDA IPC")
+    nbytes = int(handle["nbytes"])
+    if nbytes == 0:
+        return torch.UntypedStorage(0, device=torch.device("cuda", device_index)), _Opened()
+    with cp.cuda.Device(device_index):
+        ptr = cp.cuda.runtime.ipcOpenMemHandle(base64.b64decode(handle["handle"]))
+    mapping = _IpcMapping(cp, device_index, ptr, nbytes)
+    return mapping.storage(), mapping
+
+
+def local_devices(environ: Mapping[str, str], directory: str | os.PathLike[str] = "/dev/shm") -> Devices | None:
+    """The GPUs a client process sees: simulated ones where ``CKPTD_SIMULATED_GPUS`` is set,
+    else CUDA ones through cupy where torch sees CUDA, else ``None``."""
+    if environ.get("CKPTD_SIMULATED_GPUS"):
+        return SimulatedDevices.from_env(environ, directory)
+    if torch.cuda.is_available():
+        try:
+            return CudaDevices()
+        except DeviceError as exc:
+            logger.warning("%s; GPU storages from the daemon are staged through host memory", exc)
+    return None

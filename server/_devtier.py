@@ -1,0 +1,274 @@
+"""GPU residency for the cache: arenas per (checkpoint, GPU UUID), GPU budgets, a host tier.
+
+The cache decides *what* a load needs on which GPU (by UUID: the client translated its
+``cuda:N`` names); this tier makes it resident there, taking the bytes from the cheapest
+place that has them:
+
+1. the host tier (a GPU arena evicted earlier was copied back to host memory): host → device;
+2. another GPU holding the same storages: a peer copy, device → device;
+3. the cache's host arenas (the storages are host-resident anyway): host → device;
+4. the file: chunked reads through host staging, host → device.
+
+Under a GPU's budget, the least recently used arenas of checkpoints no lease holds move to
+the host tier (under its own budget; past it they are freed). Leased arenas are never
+touched, and a load that cannot fit raises :class:`OverBudgetError` naming the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ckptd._exceptions import OverBudgetError
+from ckptd._manifest import ArenaInfo, Placement
+from ckptd.formats import Layout, open_source
+from ckptd.gpu import Arena, Copy, DeviceBuffer, Devices, align, cpu_arena, fill_device
+
+logger = logging.getLogger(__name__)
+
+HostBytes = Callable[[str], memoryview | None]  # storage key -> its host-resident bytes, if any
+Evictable = Callable[[str], bool]  # entry id -> may its arenas be moved now (no lease, not loading)
+
+
+@dataclass(eq=False)
+class _GpuArena:
+    id: str
+    uuid: str
+    buffer: DeviceBuffer
+    placements: dict[str, Placement]
+    last_used: float = field(default_factory=time.time)
+
+
+@dataclass(eq=False)
+class _TierCopy:
+    """A GPU arena's bytes kept in host memory after eviction (same offsets)."""
+
+    uuid: str
+    arena: Arena
+    placements: dict[str, Placement]
+    last_used: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Entry:
+    arenas: list[_GpuArena] = field(default_factory=list)
+    tier: list[_TierCopy] = field(default_factory=list)
+
+    def tiered(self, uuid: str) -> dict[str, tuple[_TierCopy, Placement]]:
+        return {k: (c, p) for c in self.tier if c.uuid == uuid for k, p in c.placements.items()}
+
+    def placed(self, uuid: str) -> dict[str, tuple[_GpuArena, Placement]]:
+        return {k: (a, p) for a in self.arenas if a.uuid == uuid for k, p in a.placements.items()}
+
+    def anywhere(self) -> dict[str, tuple[_GpuArena, Placement]]:
+        return {k: (a, p) for a in self.arenas for k, p in a.placements.items()}
+
+
+class DeviceTier:
+    """GPU arenas of cached checkpoints, by GPU UUID.
+
+    ``budgets`` maps each GPU's UUID to the bytes the cache may hold there; ``host_tier_budget``
+    bounds the host copies of evicted GPU arenas.
+    """
+
+    def __init__(self, devices: Devices, budgets: Mapping[str, int], host_tier_budget: int) -> None:
+        self.devices = devices
+        self.budgets = dict(budgets)
+        self.host_tier_budget = host_tier_budget
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self.evictions = 0
+        self.promotions = 0
+
+    # --- loading --------------------------------------------------------------------
+
+    def place(
+        self, entry_id: str, path: str, layout: Layout, uuid: str, keys: list[str], *, host: HostBytes, evictable: Evictable
+    ) -> int:
+        """Make ``keys`` resident on GPU ``uuid``; returns the bytes read from the file."""
+        with self._lock:
+            entry = self._entries.setdefault(entry_id, _Entry())
+            placed = entry.placed(uuid)
+        missing = [k for k in keys if k not in placed and layout.storages[k].nbytes]
+        for arena, _ in placed.values():
+            arena.last_used = time.time()
+        if not missing:
+            return 0
+        offsets, total = _layout_offsets([layout.storages[k].nbytes for k in missing])
+        self._reserve(uuid, total, entry_id, evictable)
+        buffer = self.devices.allocate(uuid, total)
+        try:
+            from_file = self._fill(entry, path, layout, uuid, buffer, dict(zip(missing, offsets)), host)
+        except BaseException:
+            buffer.free()
+            raise
+        arena_id = f"gpu-{secrets.token_hex(8)}"
+        placements = {k: Placement(k, arena_id, off, layout.storages[k].nbytes) for k, off in zip(missing, offsets)}
+        arena = _GpuArena(arena_id, uuid, buffer, placements)
+        with self._lock:
+            entry.arenas.append(arena)
+        return from_file
+
+    def _fill(
+        self, entry: _Entry, path: str, layout: Layout, uuid: str, buffer: DeviceBuffer, offsets: dict[str, int], host: HostBytes
+    ) -> int:
+        """Copy each storage into ``buffer`` from the cheapest place holding it."""
+        tiered = entry.tiered(uuid)
+        peers = entry.anywhere()
+        from_disk: list[Copy] = []
+        for key, offset in offsets.items():
+            nbytes = layout.storages[key].nbytes
+            if key in tiered:
+                copy, p = tiered[key]
+                assert copy.arena.host is not None
+                buffer.write(offset, copy.arena.host[p.offset : p.offset + nbytes])
+            elif key in peers:
+                other, p = peers[key]
+                buffer.copy_from(offset, other.buffer, p.offset, nbytes)
+            elif (resident := host(key)) is not None:
+                buffer.write(offset, resident)
+            else:
+                from_disk.append(Copy(layout.storages[key].offset, offset, nbytes))
+        for copy in {id(c): c for c, _ in tiered.values()}.values():
+            if set(copy.placements) <= set(offsets) | set(entry.placed(uuid)):
+                self._drop_tier(entry, copy)  # promoted: the host copy has served its purpose
+                self.promotions += 1
+        if from_disk:
+            with open_source(path) as source:
+                fill_device(source, buffer, from_disk, staging=self.devices.host_buffer)
+        return sum(c.nbytes for c in from_disk)
+
+    # --- what clients get -------------------------------------------------------------
+
+    def manifest(self, entry_id: str, wanted: Mapping[str, list[str]]) -> tuple[list[ArenaInfo], list[Placement]]:
+        """The arenas and placements of ``wanted`` (uuid -> keys), for a manifest."""
+        arenas: dict[str, ArenaInfo] = {}
+        placements: list[Placement] = []
+        with self._lock:
+            entry = self._entries.get(entry_id, _Entry())
+            for uuid, keys in wanted.items():
+                placed = entry.placed(uuid)
+                for key in keys:
+                    if key in placed:
+                        arena, placement = placed[key]
+                        placements.append(placement)
+                        if arena.id not in arenas:
+                            arenas[arena.id] = ArenaInfo(arena.id, "", arena.buffer.nbytes, uuid, arena.buffer.export())
+        return list(arenas.values()), placements
+
+    # --- budgets, eviction, the host tier ---------------------------------------------
+
+    def resident(self) -> dict[str, int]:
+        """Bytes held per GPU UUID (every GPU, zeros included)."""
+        with self._lock:
+            totals = {uuid: 0 for uuid in self.budgets}
+            for entry in self._entries.values():
+                for arena in entry.arenas:
+                    totals[arena.uuid] = totals.get(arena.uuid, 0) + arena.buffer.nbytes
+        return totals
+
+    def resident_of(self, entry_id: str) -> dict[str, int]:
+        with self._lock:
+            entry = self._entries.get(entry_id, _Entry())
+            totals: dict[str, int] = {}
+            for arena in entry.arenas:
+                totals[arena.uuid] = totals.get(arena.uuid, 0) + arena.buffer.nbytes
+            for copy in entry.tier:
+                name = f"host-tier:{copy.uuid}"
+                totals[name] = totals.get(name, 0) + copy.arena.nbytes
+        return totals
+
+    def tier_bytes(self) -> int:
+        with self._lock:
+            return sum(c.arena.nbytes for e in self._entries.values() for c in e.tier)
+
+    def _reserve(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> None:
+        budget = self.budgets.get(uuid)
+        if budget is None:
+            return
+        while self.resident().get(uuid, 0) + nbytes > budget:
+            victim = self._victim(uuid, loading, evictable)
+            if victim is None:
+                held = self.resident().get(uuid, 0)
+                raise OverBudgetError(
+                    f"needs {nbytes} bytes on GPU {uuid}; its budget is {budget} bytes, {held} resident and held by "
+                    "leases. Release leases, evict checkpoints (`ckptd evict`), or raise --gpu-budget."
+                )
+            self._to_host_tier(*victim)
+
+    def _victim(self, uuid: str, loading: str, evictable: Evictable) -> tuple[str, _GpuArena] | None:
+        with self._lock:
+            candidates = [
+                (entry_id, arena)
+                for entry_id, entry in self._entries.items()
+                if entry_id != loading and evictable(entry_id)
+                for arena in entry.arenas
+                if arena.uuid == uuid
+            ]
+        return min(candidates, key=lambda c: c[1].last_used, default=None)
+
+    def _to_host_tier(self, entry_id: str, arena: _GpuArena) -> None:
+        """Move an unleased GPU arena to host memory (or free it when the tier is full)."""
+        with self._lock:
+            entry = self._entries[entry_id]
+            entry.arenas.remove(arena)
+        self.evictions += 1
+        if self._make_tier_room(arena.buffer.nbytes):
+            copy = cpu_arena(arena.buffer.nbytes, name="ckptd-host-tier")
+            if copy.host is not None:
+                arena.buffer.read(0, copy.host)
+            with self._lock:
+                entry.tier.append(_TierCopy(arena.uuid, copy, dict(arena.placements)))
+            logger.info("GPU arena %s (%d bytes) of %s moved to the host tier", arena.id, arena.buffer.nbytes, entry_id)
+        else:
+            logger.info("GPU arena %s (%d bytes) of %s freed (host tier full)", arena.id, arena.buffer.nbytes, entry_id)
+        arena.buffer.free()
+
+    def _make_tier_room(self, nbytes: int) -> bool:
+        if nbytes > self.host_tier_budget:
+            return False
+        while self.tier_bytes() + nbytes > self.host_tier_budget:
+            with self._lock:
+                oldest = min(
+                    ((e, c) for e in self._entries.values() for c in e.tier), key=lambda t: t[1].last_used, default=None
+                )
+            if oldest is None:
+                return False
+            self._drop_tier(*oldest)
+        return True
+
+    def _drop_tier(self, entry: _Entry, copy: _TierCopy) -> None:
+        with self._lock:
+            if copy in entry.tier:
+                entry.tier.remove(copy)
+        copy.arena.close()
+
+    def drop(self, entry_id: str) -> None:
+        """Free every GPU arena and host-tier copy of a checkpoint (clients keep what they opened)."""
+        with self._lock:
+            entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return
+        for arena in entry.arenas:
+            arena.buffer.free()
+        for copy in entry.tier:
+            copy.arena.close()
+
+    def close(self) -> None:
+        """Free everything (daemon shutdown)."""
+        for entry_id in list(self._entries):
+            self.drop(entry_id)
+
+
+def _layout_offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Aligned offsets for storages of ``sizes`` laid out in order, and the total span."""
+    offsets, total = [], 0
+    for size in sizes:
+        total = align(total)
+        offsets.append(total)
+        total += size
+    return offsets, total
