@@ -148,19 +148,48 @@ def _host_step(arena: Arena) -> Callable[[Source, Copy], None]:
 
 
 def _staged_step(arena: Arena, chunk_bytes: int) -> Callable[[Source, Copy], None]:
-    """Read into a host staging buffer per thread, then copy it to the device arena."""
+    """Read into a host staging buffer per thread, then copy it to the device arena.
+
+    On CUDA the staging buffer is pinned and each thread copies on its own stream, so
+    while one thread's chunk crosses the bus the others read theirs; a thread waits for
+    its own copy only before reusing its buffer. Without pinning (refused, or another
+    device) the buffer is plain host memory.
+    """
     local = threading.local()
     target = torch.empty(0, dtype=torch.uint8, device=arena.device).set_(arena.storage)
+    cuda = arena.device.type == "cuda"
 
     def step(source: Source, copy: Copy) -> None:
         staging = getattr(local, "staging", None)
         if staging is None:
-            staging = local.staging = bytearray(chunk_bytes)
-            local.tensor = torch.frombuffer(staging, dtype=torch.uint8)
-        source.readinto(memoryview(staging)[: copy.nbytes], copy.file_offset)
-        target[copy.arena_offset : copy.arena_offset + copy.nbytes].copy_(local.tensor[: copy.nbytes])
+            staging = local.staging = _staging_tensor(chunk_bytes, pinned=cuda)
+            local.stream = torch.cuda.Stream(arena.device) if cuda else None
+        source.readinto(_writable(staging, copy.nbytes), copy.file_offset)
+        destination = target[copy.arena_offset : copy.arena_offset + copy.nbytes]
+        if local.stream is None:
+            destination.copy_(staging[: copy.nbytes])
+            return
+        with torch.cuda.stream(local.stream):
+            destination.copy_(staging[: copy.nbytes], non_blocking=True)
+        local.stream.synchronize()  # this thread's buffer is free again; other threads kept reading
 
     return step
+
+
+def _staging_tensor(nbytes: int, *, pinned: bool) -> torch.Tensor:
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            logger.warning("pinning a %d-byte staging buffer failed (%s); staging through pageable memory", nbytes, exc)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _writable(tensor: torch.Tensor, nbytes: int) -> memoryview:
+    """The first ``nbytes`` of a CPU uint8 tensor as a writable buffer (no numpy needed)."""
+    import ctypes
+
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def fill_device(

@@ -1,0 +1,155 @@
+"""The daemon with simulated GPUs: placement by UUID across processes, IPC lifecycle, leases.
+
+A real ``ckptd serve --devices simulated`` subprocess and client processes that see the
+simulated GPUs through ``CUDA_VISIBLE_DEVICES`` as real ones would: ``cuda:0`` in a
+client started with ``CUDA_VISIBLE_DEVICES=1`` must land on the daemon's GPU 1.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptd
+from ckptd.gpu import SimulatedDevices
+from ckptd_testlib import Daemon, start_daemon
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, torch, ckptd
+    url, path, out = sys.argv[1:4]
+    with ckptd.Client(url) as client:
+        state = client.load(path, map_location="cuda:0")
+        sums = {k: float(v.double().sum()) for k, v in state.items()}
+        with open(out + ".tmp", "w") as f:
+            json.dump({"sums": sums, "checkpoints": client.checkpoints()}, f)
+        import os; os.replace(out + ".tmp", out)
+        sys.stdin.readline()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    base = tmp_path_factory.mktemp("gpudaemon")
+    (base / "root").mkdir()
+    (base / "shm").mkdir()
+    yield from start_daemon(base / "root", base / "shm", "--devices", "simulated", "--simulated-gpus", "2")
+
+
+@pytest.fixture
+def gpus(daemon: Daemon) -> SimulatedDevices:
+    return SimulatedDevices(2, daemon.shm)  # this process sees both GPUs
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 64, generator=g), "b": torch.randn(64, generator=g).to(torch.bfloat16)}
+
+
+def _gpu_files(daemon: Daemon) -> list[Path]:
+    return sorted(daemon.shm.glob("ckptd-gpu*"))
+
+
+def _entry(client: ckptd.Client, path: Path) -> dict:
+    (entry,) = [c for c in client.checkpoints() if c["path"] == str(path)]
+    return entry
+
+
+def _until(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _worker(tmp: Path, daemon: Daemon, path: Path, visible: str) -> tuple[subprocess.Popen, Path]:
+    script = tmp / "gpu_worker.py"
+    script.write_text(WORKER)
+    out = tmp / f"worker-{visible}.json"
+    env = {**os.environ, "CKPTD_SIMULATED_GPUS": "2", "CUDA_VISIBLE_DEVICES": visible}
+    proc = subprocess.Popen([sys.executable, str(script), daemon.url, str(path), str(out)], stdin=subprocess.PIPE, text=True, env=env)
+    return proc, out
+
+
+def _report(proc: subprocess.Popen, out: Path) -> dict:
+    while not out.exists():
+        try:
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"worker exited with {proc.returncode} before reporting")
+    return json.loads(out.read_text())
+
+
+def test_worker_cuda0_is_the_gpu_it_sees(daemon: Daemon, gpus: SimulatedDevices, tmp_path: Path) -> None:
+    state = _state(1)
+    path = daemon.root / "visible.pt"
+    torch.save(state, path)
+    proc, out = _worker(tmp_path, daemon, path, visible="1")
+    try:
+        report = _report(proc, out)
+    finally:
+        proc.communicate("\n", timeout=30)
+    assert report["sums"] == {k: float(v.double().sum()) for k, v in state.items()}
+    (entry,) = [c for c in report["checkpoints"] if c["path"] == str(path)]
+    assert entry["resident_bytes"].get(gpus.uuid_of(1), 0) > 0  # physical GPU 1
+    assert gpus.uuid_of(0) not in entry["resident_bytes"] and entry["resident_bytes"]["cpu"] == 0
+
+
+def test_remap_and_share_one_gpu_arena_then_release(daemon: Daemon, gpus: SimulatedDevices, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _state(2)
+    path = daemon.root / "on_cuda1.pt"
+    with monkeypatch.context() as mp:  # a file as if saved from cuda:1
+        mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+        torch.save(state, path)
+    before = set(_gpu_files(daemon))
+    with ckptd.Client(daemon.url, devices=gpus) as client:
+        mine = client.load(path, map_location={"cuda:1": "cuda:0"})
+        for name, tensor in state.items():
+            assert torch.equal(mine[name], tensor) and mine[name].dtype == tensor.dtype
+        new = set(_gpu_files(daemon)) - before
+        assert len(new) == 1  # one arena on one GPU for the whole checkpoint
+        assert _entry(client, path)["resident_bytes"][gpus.uuid_of(0)] > 0
+        proc, out = _worker(tmp_path, daemon, path, visible="0")  # another process, same GPU: same arena
+        try:
+            _report(proc, out)
+            assert set(_gpu_files(daemon)) - before == new
+            assert _entry(client, path)["leases"] == 2
+        finally:
+            proc.communicate("\n", timeout=30)
+        _until(lambda: _entry(client, path)["leases"] == 1, "the worker's lease released at its close")
+        del mine
+        gc.collect()  # the last tensor gone: the handle closes and the lease goes
+        _until(lambda: _entry(client, path)["leases"] == 0, "the lease released when the tensors died")
+        client.evict(str(path))
+    assert set(_gpu_files(daemon)) == before  # the GPU memory is freed
+
+
+def test_killed_worker_loses_its_gpu_lease(daemon: Daemon, gpus: SimulatedDevices, tmp_path: Path) -> None:
+    path = daemon.root / "killed.pt"
+    torch.save(_state(3), path)
+    proc, out = _worker(tmp_path, daemon, path, visible="0,1")
+    _report(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.stdin is not None
+    proc.stdin.close()
+    with ckptd.Client(daemon.url) as client:
+        assert _entry(client, path)["leases"] == 1
+        _until(lambda: _entry(client, path)["leases"] == 0, "the lease to expire (TTL 1 s)")
+        client.evict(str(path))
+        assert client.stats()["gpu_sharing"].startswith("simulated")
