@@ -188,9 +188,10 @@ class Cache:
             gpu = self._gpu_targets(layout, keys, map_location, devices)
             on_gpu = {k for ks in gpu.values() for k in ks}
             swap = layout.byteorder != sys.byteorder  # GPU copies come from the host copy, swapped there
-            self._make_resident(entry, layout, [k for k in keys if k not in on_gpu or swap])
+            fresh = self._make_resident(entry, layout, [k for k in keys if k not in on_gpu or swap])
             for uuid, gpu_keys in gpu.items():
-                self._place_on_gpu(entry, layout, uuid, gpu_keys)
+                fresh = self._place_on_gpu(entry, layout, uuid, gpu_keys) or fresh
+            self._count(entry, fresh)
             lease = self.leases.create(entry.id)
             manifest = self._manifest(entry, layout, [k for k in keys if k not in on_gpu], lease.id, gpu)
         self._observe(started)
@@ -201,7 +202,7 @@ class Cache:
         entry = self._entry_for(path)
         with entry.lock, self._forget_on_failure(entry):
             layout = self._layout(entry)
-            self._make_resident(entry, layout, list(layout.storages))
+            self._count(entry, self._make_resident(entry, layout, list(layout.storages)))
         return self._info(entry)
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -327,14 +328,11 @@ class Cache:
                 entry.layout = read_layout(source)
         return entry.layout
 
-    def _make_resident(self, entry: _Entry, layout: Layout, keys: list[str]) -> None:
+    def _make_resident(self, entry: _Entry, layout: Layout, keys: list[str]) -> bool:
+        """Read what of ``keys`` is not in host memory yet; whether anything had to be read."""
         missing = [k for k in keys if k not in entry.placements and layout.storages[k].nbytes]
         if not missing:
-            entry.hits += 1
-            if self._metrics:
-                self._metrics.hit()
-            return
-        entry.misses += 1
+            return False
         need = sum(layout.storages[k].nbytes for k in missing) + 64 * len(missing)
         self._reserve(need, entry)
         try:
@@ -343,6 +341,16 @@ class Cache:
             with self._lock:
                 self._reserved -= need
         self._report()
+        return True
+
+    def _count(self, entry: _Entry, fresh: bool) -> None:
+        """A load that had to read or copy anything is a miss; one served as it was, a hit."""
+        if fresh:
+            entry.misses += 1
+        else:
+            entry.hits += 1
+        if self._metrics:
+            self._metrics.miss() if fresh else self._metrics.hit()
 
     def _read(self, entry: _Entry, layout: Layout, keys: list[str]) -> None:
         """Read ``keys`` into one new arena; record where each storage landed."""
@@ -369,7 +377,6 @@ class Cache:
                 entry.placements[key] = Placement(key, arena_id, view.data_ptr() - base, view.nbytes())
         nbytes = sum(layout.storages[k].nbytes for k in keys)
         if self._metrics:
-            self._metrics.miss()
             self._metrics.read(nbytes)
         logger.info("read %d storages (%d bytes) of %s", len(keys), nbytes, entry.path)
 
@@ -417,7 +424,8 @@ class Cache:
             groups.setdefault(uuid, []).append(key)
         return groups
 
-    def _place_on_gpu(self, entry: _Entry, layout: Layout, uuid: str, keys: list[str]) -> None:
+    def _place_on_gpu(self, entry: _Entry, layout: Layout, uuid: str, keys: list[str]) -> bool:
+        """Make ``keys`` resident on GPU ``uuid``; whether anything had to be copied there."""
         assert self._tier is not None
 
         def host(key: str) -> memoryview | None:
@@ -428,10 +436,11 @@ class Cache:
             other = self._entries.get(entry_id)
             return not self.leases.count(entry_id) and (other is None or not other.lock.locked())
 
-        read = self._tier.place(entry.id, entry.path, layout, uuid, keys, host=host, evictable=evictable)
+        placed, read = self._tier.place(entry.id, entry.path, layout, uuid, keys, host=host, evictable=evictable)
         if self._metrics and read:
             self._metrics.read(read)
         self._report()
+        return placed > 0
 
     # --- budget and eviction ----------------------------------------------------------
 

@@ -88,8 +88,9 @@ class DeviceTier:
 
     def place(
         self, entry_id: str, path: str, layout: Layout, uuid: str, keys: list[str], *, host: HostBytes, evictable: Evictable
-    ) -> int:
-        """Make ``keys`` resident on GPU ``uuid``; returns the bytes read from the file."""
+    ) -> tuple[int, int]:
+        """Make ``keys`` resident on GPU ``uuid``; returns how many storages were placed now
+        and how many bytes of them came from the file."""
         with self._lock:
             entry = self._entries.setdefault(entry_id, _Entry())
             placed = entry.placed(uuid)
@@ -97,7 +98,7 @@ class DeviceTier:
         for arena, _ in placed.values():
             arena.last_used = time.time()
         if not missing:
-            return 0
+            return 0, 0
         offsets, total = _layout_offsets([layout.storages[k].nbytes for k in missing])
         self._reserve(uuid, total, entry_id, evictable)
         buffer = self.devices.allocate(uuid, total)
@@ -111,7 +112,7 @@ class DeviceTier:
         arena = _GpuArena(arena_id, uuid, buffer, placements)
         with self._lock:
             entry.arenas.append(arena)
-        return from_file
+        return len(missing), from_file
 
     def _fill(
         self, entry: _Entry, path: str, layout: Layout, uuid: str, buffer: DeviceBuffer, offsets: dict[str, int], host: HostBytes

@@ -93,6 +93,10 @@ def test_cuda_target_lands_on_that_gpu(tmp_path: Path, gpus: SimulatedDevices) -
     info = cache.checkpoints()[0]
     assert info.resident_bytes["cpu"] == 0 and info.resident_bytes[gpus.uuid_of(1)] >= _nbytes(state)
     assert cache.stats()["gpu_sharing"].startswith("simulated")
+    assert (info.misses, info.hits) == (1, 0)
+    again = cache.load(str(tmp_path / "m.pt"), map_location="cuda:1", devices=gpus.table())
+    assert again.arenas == manifest.arenas and reads.bytes == _nbytes(state)  # resident: a hit, nothing read
+    assert (cache.checkpoints()[0].misses, cache.checkpoints()[0].hits) == (1, 1)
 
 
 def test_client_ordinals_are_translated_by_uuid(tmp_path: Path, gpus: SimulatedDevices) -> None:
