@@ -10,8 +10,11 @@ when the client closes, when the last tensor of a load is garbage-collected, or 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import secrets
+import socket
 import threading
 import weakref
 from collections.abc import Mapping
@@ -71,6 +74,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         transport, base = _transport(self.url)
         self._http = httpx.Client(transport=transport, base_url=base, headers=headers, timeout=timeout)
+        self._session = _SessionWatch(self.url, headers)
         self._mappings: dict[str, weakref.ref[Any]] = {}
         self._lock = threading.Lock()
         self._leases = _LeaseKeeper(self)
@@ -137,6 +141,7 @@ class Client:
             "prefix": prefix,
             "select": list(select) if select is not None and not isinstance(select, str) else select,
             "devices": self._device_table() if gpus else None,
+            "session": self._session.open(),
         }
         return Manifest.from_json(self._request("POST", "/v1/load", json=body))
 
@@ -227,6 +232,7 @@ class Client:
     def close(self) -> None:
         """Release every lease and close the connection (tensors stay valid: they are mapped)."""
         self._leases.stop()
+        self._session.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -314,6 +320,58 @@ class _LeaseKeeper:
             leases, self._held = list(self._held), {}
         for lease in leases:
             self._client._release(lease)
+
+
+class _SessionWatch:
+    """Keeps ``GET /v1/sessions/{id}`` open while this process lives.
+
+    When the process dies, even by SIGKILL, the kernel closes the connection and the
+    daemon releases the session's leases at once instead of at their TTL.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.id = secrets.token_urlsafe(16)
+        self._url, self._headers = url, headers
+        self._http: httpx.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def open(self) -> str:
+        """Start watching (once); returns the session id loads carry."""
+        with self._lock:
+            if self._thread is None:
+                transport, base = _transport(self._url)
+                self._http = httpx.Client(transport=transport, base_url=base, headers=self._headers,
+                                          timeout=httpx.Timeout(10.0, read=None))
+                self._thread = threading.Thread(target=self._run, args=(self._http,), name="ckptd-session", daemon=True)
+                self._thread.start()
+        return self.id
+
+    def _run(self, http: httpx.Client) -> None:
+        try:
+            with http.stream("GET", f"/v1/sessions/{self.id}") as response:
+                stream = response.extensions.get("network_stream")
+                with self._lock:
+                    self._socket = stream.get_extra_info("socket") if stream is not None else None
+                for _ in response.iter_raw():
+                    pass
+        except (httpx.HTTPError, OSError, RuntimeError) as exc:  # closed under us, or the daemon went away
+            logger.debug("session %s watch ended: %s", self.id, exc)
+
+    def close(self) -> None:
+        """Stop watching (leases then live by renewal alone, or are released by the caller)."""
+        with self._lock:
+            http, thread, self._http, self._thread = self._http, self._thread, None, None
+            sock, self._socket = self._socket, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the watching thread's read at once
+        if http is not None:
+            http.close()
+        if thread is not None:
+            thread.join(timeout=10)
 
 
 def _place(view: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:

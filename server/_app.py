@@ -7,6 +7,8 @@ route                                  answer
 ``POST /v1/prefetch``                  the checkpoint's info (resident, no lease)
 ``POST /v1/leases/{lease}/renew``      ``{"lease", "expires_in"}``
 ``DELETE /v1/leases/{lease}``          204 (idempotent)
+``GET /v1/sessions/{session}``         a heartbeat line every 5 s; when the connection drops,
+                                       the session's leases are released
 ``GET /v1/checkpoints``                every cached checkpoint's info
 ``DELETE /v1/checkpoints?ident=``      the evicted checkpoint's info (id or path)
 ``GET /v1/stats``                      cache totals, version, uptime, endpoints
@@ -28,15 +30,16 @@ its thread pool. Nothing here touches CUDA.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -56,6 +59,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/healthz"})
+SESSION_HEARTBEAT_S = 5.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,12 +85,14 @@ class CacheService(Protocol):
         prefix: str | None = None,
         select: str | list[str] | None = None,
         devices: dict[str, str] | None = None,
+        session: str | None = None,
     ) -> JsonReady: ...
     def prefetch(self, path: str) -> JsonReady: ...
     def checkpoints(self) -> list[Any]: ...
     def evict(self, ident: str) -> JsonReady: ...
     def renew(self, lease: str) -> float: ...
     def release(self, lease: str) -> None: ...
+    def end_session(self, session: str) -> int: ...
     def stats(self) -> dict[str, object]: ...
 
 
@@ -107,6 +113,9 @@ class LoadRequest(BaseModel):
     select: str | list[str] | None = None
     devices: dict[str, str] | None = Field(
         default=None, description="the client's GPUs, cuda:N -> UUID, so cuda:N means the client's GPU"
+    )
+    session: str | None = Field(
+        default=None, max_length=64, description="the client's session (GET /v1/sessions/{id}): leases end with it"
     )
 
 
@@ -303,8 +312,24 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
             prefix=request.prefix,
             select=request.select,
             devices=request.devices,
+            session=request.session,
         )
         return JSONResponse(manifest.to_json())
+
+    @app.get("/v1/sessions/{session}", tags=["load"], summary="Hold a session open; its leases end when it closes")
+    async def watch_session(session: str) -> StreamingResponse:
+        """A line every few seconds for as long as the client keeps the connection; when it
+        drops (the client died, even by SIGKILL), the session's leases are released."""
+
+        async def heartbeat() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"\n"
+                    await asyncio.sleep(SESSION_HEARTBEAT_S)
+            finally:  # cancelled when the peer disconnects
+                cache.end_session(session)
+
+        return StreamingResponse(heartbeat(), media_type="text/plain")
 
     @app.post("/v1/leases/{lease}/renew", tags=["load"], summary="Extend a lease")
     def renew(lease: str) -> dict[str, Any]:

@@ -168,13 +168,14 @@ class Cache:
         prefix: str | None = None,
         select: Select = None,
         devices: Mapping[str, str] | None = None,
+        session: str | None = None,
     ) -> Manifest:
         """Make the requested storages resident; return where they are, under a new lease.
 
         ``map_location`` is a device string or a dict of location tags. Storages it sends
         to ``cuda:N`` go to the GPU whose UUID is ``devices['cuda:N']`` (the client's own
         table) when the daemon has GPUs; everything else stays in host memory and the
-        client places it.
+        client places it. The lease belongs to ``session`` when given (see :meth:`end_session`).
         """
         _check_map_location(map_location)
         started = time.perf_counter()
@@ -192,7 +193,7 @@ class Cache:
             for uuid, gpu_keys in gpu.items():
                 fresh = self._place_on_gpu(entry, layout, uuid, gpu_keys) or fresh
             self._count(entry, fresh)
-            lease = self.leases.create(entry.id)
+            lease = self.leases.create(entry.id, session)
             manifest = self._manifest(entry, layout, [k for k in keys if k not in on_gpu], lease.id, gpu)
         self._observe(started)
         return manifest
@@ -236,6 +237,16 @@ class Cache:
         if checkpoint is not None:
             self._forget_if_stale(checkpoint)
         self._report()
+
+    def end_session(self, session: str) -> int:
+        """A client's session connection dropped (its process died): release its leases now."""
+        ended = self.leases.end_session(session)
+        for lease in ended:
+            logger.info("lease %s on %s released: its client's connection closed", lease.id, lease.checkpoint)
+            self._forget_if_stale(lease.checkpoint)
+        if ended:
+            self._report()
+        return len(ended)
 
     def reap(self) -> int:
         """Expire overdue leases (clients that died); returns how many."""

@@ -2,7 +2,9 @@
 
 Every load through the daemon returns a lease. Clients renew leases while they hold
 tensors and release them when done; a client that dies stops renewing and its lease
-expires after the TTL. The cache evicts only checkpoints no live lease refers to.
+expires after the TTL. A lease may belong to a client *session*, a connection the client
+keeps open: when it drops (the process died), the session's leases go at once. The
+cache evicts only checkpoints no live lease refers to.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Lease:
     id: str
     checkpoint: str
     expires: float
+    session: str | None = None
 
 
 class LeaseTable:
@@ -40,9 +43,9 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
 
-    def create(self, checkpoint: str) -> Lease:
-        """A new lease on ``checkpoint``, valid for one TTL."""
-        lease = Lease(secrets.token_urlsafe(16), checkpoint, self._clock() + self.ttl)
+    def create(self, checkpoint: str, session: str | None = None) -> Lease:
+        """A new lease on ``checkpoint``, valid for one TTL (and while ``session`` lasts)."""
+        lease = Lease(secrets.token_urlsafe(16), checkpoint, self._clock() + self.ttl, session)
         with self._lock:
             self._leases[lease.id] = lease
         return lease
@@ -63,6 +66,14 @@ class LeaseTable:
         with self._lock:
             lease = self._leases.pop(lease_id, None)
         return lease.checkpoint if lease else None
+
+    def end_session(self, session: str) -> list[Lease]:
+        """Remove and return every lease of ``session`` (its connection dropped)."""
+        with self._lock:
+            ended = [lease for lease in self._leases.values() if lease.session == session]
+            for lease in ended:
+                del self._leases[lease.id]
+        return ended
 
     def reap(self) -> list[Lease]:
         """Remove and return every expired lease."""

@@ -89,6 +89,10 @@ class FakeCache:
     def release(self, lease: str) -> None:
         self._record("release", lease)
 
+    def end_session(self, session: str) -> int:
+        self._record("end_session", session)
+        return 0
+
     def stats(self) -> dict[str, object]:
         self._record("stats")
         return {"checkpoints": 2, "resident_bytes": {"cpu": 10}, "leases": 1}
@@ -156,19 +160,20 @@ def test_load_passes_every_argument(client: TestClient, cache: FakeCache) -> Non
         "prefix": "model",
         "select": ["a", "b"],
         "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"},
+        "session": "S1",
     }
     response = client.post("/v1/load", json=body)
     assert response.status_code == 200
     assert response.json() == {"checkpoint": "ck1", "path": "/m/a.pt", "lease": "L1", "lease_ttl": 30.0}
     assert cache.calls == [
         ("load", ("/m/a.pt",), {"map_location": {"cuda:1": "cuda:0"}, "tensor_name": "w", "prefix": "model", "select": ["a", "b"],
-                                "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"}})
+                                "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"}, "session": "S1"})
     ]
 
 
 def test_load_defaults(client: TestClient, cache: FakeCache) -> None:
     assert client.post("/v1/load", json={"path": "/m/a.pt", "map_location": "cpu", "select": "layers.0."}).status_code == 200
-    assert cache.calls[0][2] == {"map_location": "cpu", "tensor_name": None, "prefix": None, "select": "layers.0.", "devices": None}
+    assert cache.calls[0][2] == {"map_location": "cpu", "tensor_name": None, "prefix": None, "select": "layers.0.", "devices": None, "session": None}
 
 
 def test_prefetch(client: TestClient, cache: FakeCache) -> None:
@@ -266,7 +271,7 @@ def test_openapi_lists_the_v1_routes(client: TestClient) -> None:
     assert {"/healthz", "/metrics"} <= set(paths)
     load_body = schema["components"]["schemas"]["LoadRequest"]
     assert load_body["additionalProperties"] is False
-    assert set(load_body["properties"]) == {"path", "map_location", "tensor_name", "prefix", "select", "devices"}
+    assert set(load_body["properties"]) == {"path", "map_location", "tensor_name", "prefix", "select", "devices", "session"}
     assert client.get("/docs").status_code == 200
 
 

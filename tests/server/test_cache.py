@@ -198,3 +198,18 @@ def test_a_file_truncated_under_the_daemon_leaves_nothing_behind(tmp_path: Path)
     with pytest.raises(ckptd.CheckpointError):
         cache.load(str(path))
     assert len(list((tmp_path / "shm").iterdir())) <= 1
+
+
+def test_end_session_releases_only_that_sessions_leases(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", 1)
+    cache = Cache(_settings(tmp_path), None)
+    mine = cache.load(str(tmp_path / "m.pt"), session="s1")
+    cache.load(str(tmp_path / "m.pt"), session="s1")
+    other = cache.load(str(tmp_path / "m.pt"), session="s2")
+    cache.load(str(tmp_path / "m.pt"))  # no session: lives by renewal alone
+    assert cache.end_session("s1") == 2
+    assert cache.checkpoints()[0].leases == 2
+    with pytest.raises(ckptd.LeaseLostError):
+        cache.renew(mine.lease)
+    assert cache.renew(other.lease) == 30.0
+    assert cache.end_session("s1") == 0  # idempotent

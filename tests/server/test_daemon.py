@@ -259,7 +259,8 @@ def test_copy_on_write(daemon: Daemon, client: ckptd.Client, tmp_path: Path) -> 
         fresh.close()
 
 
-def test_lease_expires_after_sigkill(daemon: Daemon, client: ckptd.Client, tmp_path: Path) -> None:
+def test_hung_client_loses_its_lease_at_the_ttl(daemon: Daemon, client: ckptd.Client, tmp_path: Path) -> None:
+    """A stopped process keeps its connection but stops renewing: the TTL (1 s here) ends the lease."""
     path = _checkpoint(daemon.root, "dies.pt")
     before = set(daemon.arenas())
     victim = ClientProc(tmp_path, daemon.url, path, "victim")
@@ -269,17 +270,42 @@ def test_lease_expires_after_sigkill(daemon: Daemon, client: ckptd.Client, tmp_p
         (arena,) = set(daemon.arenas()) - before
         with pytest.raises(ckptd.CheckpointBusyError):  # busy while the lease holds it
             client.evict(str(path))
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait()
+        victim.proc.send_signal(signal.SIGSTOP)
+        _wait_for(lambda: _entry(client, path)["leases"] == 0, 10.0, "lease expiry")
+        info = client.evict(str(path))
     finally:
         victim.kill()
-    _wait_for(lambda: _entry(client, path)["leases"] == 0, 10.0, "lease expiry")
-    info = client.evict(str(path))
     assert info["leases"] == 0
     assert not arena.exists()
     assert set(daemon.arenas()) == before
     assert all(os.path.realpath(c["path"]) != os.path.realpath(path) for c in client.checkpoints())
     _good_load(client, daemon.root)
+
+
+def test_killed_client_loses_its_lease_when_its_connection_drops(tmp_path: Path) -> None:
+    """With a TTL of 5 minutes, SIGKILL still frees the lease at once: the session connection tells."""
+    root, shm = tmp_path / "root", tmp_path / "shm"
+    root.mkdir()
+    shm.mkdir()
+    gen = start_daemon(root, shm, "--lease-ttl", "300")
+    slow = next(gen)
+    try:
+        path = _checkpoint(root, "killed.pt")
+        with ckptd.Client(slow.url) as admin:
+            victim = ClientProc(tmp_path, slow.url, path, "killed")
+            try:
+                assert victim.result()["equal"]
+                assert _entry(admin, path)["leases"] == 1
+                victim.proc.send_signal(signal.SIGKILL)
+                victim.proc.wait()
+            finally:
+                victim.kill()
+            started = time.monotonic()
+            _wait_for(lambda: _entry(admin, path)["leases"] == 0, 10.0, "the session's leases to end")
+            assert time.monotonic() - started < 10  # nowhere near the 300 s TTL
+            admin.evict(str(path))
+    finally:
+        next(gen, None)
 
 
 def test_replaced_file_is_reloaded(daemon: Daemon, client: ckptd.Client) -> None:

@@ -144,12 +144,12 @@ def test_killed_worker_loses_its_gpu_lease(daemon: Daemon, gpus: SimulatedDevice
     torch.save(_state(3), path)
     proc, out = _worker(tmp_path, daemon, path, visible="0,1")
     _report(proc, out)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.stdin is not None
-    proc.stdin.close()
     with ckptd.Client(daemon.url) as client:
         assert _entry(client, path)["leases"] == 1
-        _until(lambda: _entry(client, path)["leases"] == 0, "the lease to expire (TTL 1 s)")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        _until(lambda: _entry(client, path)["leases"] == 0, "the killed worker's lease to end")
         client.evict(str(path))
         assert client.stats()["gpu_sharing"].startswith("simulated")
