@@ -19,7 +19,7 @@ b'xyz'
 from __future__ import annotations
 
 from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, shm_arena
-from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, local_devices
+from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, StagingPool, local_devices
 from ._errors import DeviceError
 from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
 
@@ -35,6 +35,7 @@ __all__ = [
     "DeviceInfo",
     "Devices",
     "SimulatedDevices",
+    "StagingPool",
     "align",
     "allocate",
     "chunks",

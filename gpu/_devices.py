@@ -27,11 +27,12 @@ import contextlib
 import logging
 import mmap
 import os
+import queue
 import secrets
 import threading
 import uuid as uuidlib
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ import torch
 
 from ._arena import map_arena
 from ._errors import DeviceError
+from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, fill_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +89,47 @@ class DeviceBuffer(abc.ABC):
         """Release the memory (idempotent); processes that opened it keep their mapping."""
 
 
+class StagingPool:
+    """Host staging buffers made once (pinned for CUDA) and lent to reader threads.
+
+    Pinning is slow and pinned memory is scarce, so the buffers are allocated up front
+    and reused by every load; a borrower waits when all are lent.
+
+    >>> pool = StagingPool(lambda n: memoryview(bytearray(n)), count=2, nbytes=16)
+    >>> a = pool.take(); len(a), pool.count
+    (16, 2)
+    >>> pool.give(a)
+    """
+
+    def __init__(self, make: Callable[[int], memoryview], *, count: int, nbytes: int) -> None:
+        self.count = count
+        self.nbytes = nbytes
+        self._free: queue.LifoQueue[memoryview] = queue.LifoQueue()
+        for _ in range(count):
+            self._free.put(make(nbytes))
+
+    def take(self) -> memoryview:
+        """A buffer of :attr:`nbytes`; blocks while every buffer is lent."""
+        return self._free.get()
+
+    def give(self, buffer: memoryview) -> None:
+        """Return a buffer :meth:`take` lent."""
+        self._free.put(buffer)
+
+
 class Devices(abc.ABC):
     """A GPU backend: the GPUs this process sees and what can be done with them."""
 
     kind: str
     sharing: str  # how other processes map buffers, for ``ckptd stats``
+    staging: StagingPool  # host staging buffers, made when the backend is
+
+    def read_file(self, path: str, buffer: DeviceBuffer, copies: Iterable[Copy]) -> None:
+        """Copy file ranges into ``buffer``: chunked reads through :attr:`staging`."""
+        from ckptd.formats import open_source
+
+        with open_source(path) as source:
+            fill_device(source, buffer, list(copies), staging=self.staging)
 
     @abc.abstractmethod
     def visible(self) -> tuple[DeviceInfo, ...]:
@@ -216,6 +254,7 @@ class SimulatedDevices(Devices):
         self.moved = {"h2d": 0, "d2h": 0, "peer": 0}
         self.allocated: dict[str, int] = {d.uuid: 0 for d in self._devices}
         self._lock = threading.Lock()
+        self.staging = StagingPool(self.host_buffer, count=DEFAULT_THREADS, nbytes=1 << 20)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], directory: str | os.PathLike[str]) -> SimulatedDevices:
@@ -283,9 +322,15 @@ class _CudaBuffer(DeviceBuffer):
 
     def write(self, offset: int, data: memoryview) -> None:
         self._check(offset, len(data))
-        staging = self._owner.staging(len(data))
-        staging[: len(data)] = data
-        self._h2d(offset, staging, len(data))
+        pool = self._owner.staging
+        staging = pool.take()
+        try:
+            for start in range(0, len(data), len(staging)):
+                n = min(len(staging), len(data) - start)
+                staging[:n] = data[start : start + n]
+                self._h2d(offset + start, staging, n)
+        finally:
+            pool.give(staging)
 
     def write_pinned(self, offset: int, pinned: Any, nbytes: int) -> None:
         """Host → device from a pinned buffer (:meth:`CudaDevices.host_buffer`), no extra copy."""
@@ -302,10 +347,16 @@ class _CudaBuffer(DeviceBuffer):
     def read(self, offset: int, out: memoryview) -> None:
         self._check(offset, len(out))
         rt = self._cp.cuda.runtime
-        with self._cp.cuda.Device(self.device.index):
-            staging = self._owner.staging(len(out))
-            rt.memcpy(_address(staging), self.ptr + offset, len(out), rt.memcpyDeviceToHost)
-            out[:] = staging[: len(out)]
+        pool = self._owner.staging
+        staging = pool.take()
+        try:
+            with self._cp.cuda.Device(self.device.index):
+                for start in range(0, len(out), len(staging)):
+                    n = min(len(staging), len(out) - start)
+                    rt.memcpy(_address(staging), self.ptr + offset + start, n, rt.memcpyDeviceToHost)
+                    out[start : start + n] = staging[:n]
+        finally:
+            pool.give(staging)
 
     def copy_from(self, offset: int, source: DeviceBuffer, source_offset: int, nbytes: int) -> None:
         self._check(offset, nbytes)
@@ -359,14 +410,19 @@ def _close_ipc(cp: Any, device_index: int, ptr: int) -> None:
 class CudaDevices(Devices):
     """The real GPUs, through cupy (the ``gpu`` extra): legacy read-write CUDA IPC handles.
 
-    Read-only client mappings through CUDA virtual memory management are not implemented
-    yet; :attr:`sharing` says so, and ``ckptd stats`` reports it.
+    A pool of pinned staging buffers is allocated once here (pageable memory, with a
+    warning, where pinning is refused). ``gds=True`` reads files straight into GPU
+    memory with GPUDirect Storage through kvikio, falling back to staged reads when
+    kvikio is missing or refuses. Read-only client mappings through CUDA virtual memory
+    management are not implemented yet; :attr:`sharing` says so, and ``ckptd stats``
+    reports it.
     """
 
     kind = "cuda"
     sharing = "cuda-ipc (legacy read-write handles)"
 
-    def __init__(self) -> None:
+    def __init__(self, *, gds: bool = False, staging_buffers: int = DEFAULT_THREADS,
+                 staging_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         try:
             import cupy
         except ImportError as exc:
@@ -380,6 +436,8 @@ class CudaDevices(Devices):
             devices.append(DeviceInfo(index, _uuid_string(props["uuid"]), name, int(props["totalGlobalMem"])))
         self._devices = tuple(devices)
         self._local = threading.local()
+        self.staging = StagingPool(self.host_buffer, count=staging_buffers, nbytes=staging_bytes)
+        self.gds = gds and self._kvikio() is not None
 
     def visible(self) -> tuple[DeviceInfo, ...]:
         return self._devices
@@ -392,12 +450,38 @@ class CudaDevices(Devices):
                 streams[index] = self.cupy.cuda.Stream(non_blocking=True)
         return streams[index]
 
-    def staging(self, nbytes: int) -> memoryview:
-        """This thread's pinned staging buffer, at least ``nbytes`` long."""
-        current = getattr(self._local, "staging", None)
-        if current is None or len(current) < nbytes:
-            current = self._local.staging = self.host_buffer(max(nbytes, 16 << 20))
-        return current
+    @staticmethod
+    def _kvikio() -> Any:
+        try:
+            import kvikio
+        except ImportError:
+            logger.warning("GPUDirect Storage asked for, but kvikio is not installed: reading through host staging")
+            return None
+        return kvikio
+
+    def read_file(self, path: str, buffer: DeviceBuffer, copies: Iterable[Copy]) -> None:
+        """With GPUDirect Storage, file → GPU through kvikio; otherwise (or if it fails) staged."""
+        copies = list(copies)
+        if self.gds and isinstance(buffer, _CudaBuffer):
+            try:
+                self._read_gds(path, buffer, copies)
+                return
+            except Exception as exc:  # noqa: BLE001  (kvikio/cuFile errors have many types: fall back)
+                logger.warning("GPUDirect Storage read of %s failed (%s); reading through host staging", path, exc)
+        super().read_file(path, buffer, copies)
+
+    def _read_gds(self, path: str, buffer: _CudaBuffer, copies: list[Copy]) -> None:
+        kvikio = self._kvikio()
+        cp = self.cupy
+        with cp.cuda.Device(buffer.device.index), kvikio.CuFile(path, "r") as f:
+            futures = []
+            for copy in copies:
+                memory = cp.cuda.UnownedMemory(buffer.ptr + copy.arena_offset, copy.nbytes, buffer, buffer.device.index)
+                view = cp.ndarray((copy.nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(memory, 0))
+                futures.append(f.pread(view, copy.nbytes, copy.file_offset))
+            for future in futures:
+                if future.get() != copies[futures.index(future)].nbytes:
+                    raise DeviceError(f"{path}: short GPUDirect read")
 
     def host_buffer(self, nbytes: int) -> memoryview:
         try:

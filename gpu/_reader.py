@@ -15,13 +15,16 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ckptd.formats import FileSource, Source
 
 from ._arena import Arena
-from ._devices import DeviceBuffer
+
+if TYPE_CHECKING:
+    from ._devices import DeviceBuffer, StagingPool
 
 logger = logging.getLogger(__name__)
 
@@ -197,33 +200,38 @@ def fill_device(
     buffer: DeviceBuffer,
     copies: Iterable[Copy],
     *,
-    staging: Callable[[int], memoryview],
+    staging: StagingPool,
     threads: int = DEFAULT_THREADS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> None:
-    """Stream file ranges into a GPU buffer: each reader thread reads a chunk into its own
-    host staging buffer (``staging(n)``, pinned for CUDA), then copies it to the device.
+    """Stream file ranges into a GPU buffer: each reader thread borrows a host staging
+    buffer from ``staging`` (pinned for CUDA, made once), reads a chunk into it, then
+    copies it to the device; the buffers go back to the pool when the fill ends.
 
     >>> import tempfile
     >>> from ckptd.formats import open_source
     >>> from ckptd.gpu import SimulatedDevices
     >>> gpus = SimulatedDevices(1, tempfile.mkdtemp())
     >>> buf = gpus.allocate(gpus.visible()[0].uuid, 4)
-    >>> fill_device(open_source(b"abcdef"), buf, [Copy(1, 0, 4)], staging=gpus.host_buffer)
+    >>> fill_device(open_source(b"abcdef"), buf, [Copy(1, 0, 4)], staging=gpus.staging)
     >>> out = memoryview(bytearray(4)); buf.read(0, out); bytes(out)
     b'bcde'
     >>> buf.free()
     """
-    work = sorted(chunks(copies, chunk_bytes), key=lambda c: c.file_offset)
+    work = sorted(chunks(copies, min(chunk_bytes, staging.nbytes)), key=lambda c: c.file_offset)
     if not work:
         return
     local = threading.local()
     pinned_write = getattr(buffer, "write_pinned", None)
+    borrowed: list[memoryview] = []
+    lock = threading.Lock()
 
     def step(copy: Copy) -> None:
         host = getattr(local, "host", None)
         if host is None:
-            host = local.host = staging(chunk_bytes)
+            host = local.host = staging.take()
+            with lock:
+                borrowed.append(host)
         piece = host[: copy.nbytes]
         source.readinto(piece, copy.file_offset)
         if pinned_write is not None:
@@ -231,9 +239,14 @@ def fill_device(
         else:
             buffer.write(copy.arena_offset, piece)
 
-    if threads <= 1 or len(work) == 1 or source.fileno() is None:
-        for copy in work:
-            step(copy)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptd-gpu-read") as pool:
-        list(pool.map(step, work))
+    threads = min(threads, staging.count)  # a reader thread holds one staging buffer
+    try:
+        if threads <= 1 or len(work) == 1 or source.fileno() is None:
+            for copy in work:
+                step(copy)
+            return
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptd-gpu-read") as pool:
+            list(pool.map(step, work))
+    finally:
+        for host in borrowed:
+            staging.give(host)

@@ -273,6 +273,7 @@ class Cache:
             "evictions": self._evictions,
             "gpu_sharing": self._tier.devices.sharing if self._tier else "none (no GPU backend: host memory only)",
             "host_tier_bytes": self._tier.tier_bytes() if self._tier else 0,
+            "gpudirect_storage": bool(getattr(self._tier.devices, "gds", False)) if self._tier else False,
             "gpu_evictions": self._tier.evictions if self._tier else 0,
         }
 

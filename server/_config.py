@@ -16,6 +16,7 @@ host_budget          CKPTD_HOST_BUDGET       50% of RAM; ``16GiB``, ``500MB``, `
 devices              CKPTD_DEVICES           ``auto``: CUDA through cupy where there are GPUs;
                                              ``cuda``, ``simulated`` (tests), ``none``
 simulated_gpus       CKPTD_SIMULATED_GPUS    0 (how many with ``devices=simulated``)
+gds                  CKPTD_GDS               false: GPUDirect Storage reads through kvikio
 gpu_budget           CKPTD_GPU_BUDGET        90% of each GPU; ``cuda:0=40GiB,cuda:1=40GiB`` or JSON
 host_tier_budget     CKPTD_HOST_TIER_BUDGET  25% of RAM: host copies of evicted GPU arenas
 shm_dir              CKPTD_SHM_DIR           ``/dev/shm``
@@ -159,6 +160,7 @@ class Settings(BaseSettings):
     host_budget: int = Field(default_factory=_default_host_budget)
     devices: Literal["auto", "cuda", "simulated", "none"] = "auto"
     simulated_gpus: int = Field(default=0, ge=0)
+    gds: bool = False
     gpu_budget: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     host_tier_budget: int = Field(default_factory=lambda: host_memory() // 4)
     shm_dir: Path = Path("/dev/shm")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from ckptd._exceptions import OverBudgetError
 from ckptd._manifest import ArenaInfo, Placement
-from ckptd.formats import Layout, open_source
-from ckptd.gpu import Arena, Copy, DeviceBuffer, Devices, align, cpu_arena, fill_device
+from ckptd.formats import Layout
+from ckptd.gpu import Copy, DeviceBuffer, Devices, align
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _TierCopy:
     """A GPU arena's bytes kept in host memory after eviction (same offsets)."""
 
     uuid: str
-    arena: Arena
+    host: memoryview  # pinned where the backend pins: it comes back at host-to-device speed
     placements: dict[str, Placement]
     last_used: float = field(default_factory=time.time)
 
@@ -125,8 +125,7 @@ class DeviceTier:
             nbytes = layout.storages[key].nbytes
             if key in tiered:
                 copy, p = tiered[key]
-                assert copy.arena.host is not None
-                buffer.write(offset, copy.arena.host[p.offset : p.offset + nbytes])
+                _write(buffer, offset, copy.host[p.offset : p.offset + nbytes])
             elif key in peers:
                 other, p = peers[key]
                 buffer.copy_from(offset, other.buffer, p.offset, nbytes)
@@ -139,8 +138,7 @@ class DeviceTier:
                 self._drop_tier(entry, copy)  # promoted: the host copy has served its purpose
                 self.promotions += 1
         if from_disk:
-            with open_source(path) as source:
-                fill_device(source, buffer, from_disk, staging=self.devices.host_buffer)
+            self.devices.read_file(path, buffer, from_disk)
         return sum(c.nbytes for c in from_disk)
 
     # --- what clients get -------------------------------------------------------------
@@ -180,12 +178,12 @@ class DeviceTier:
                 totals[arena.uuid] = totals.get(arena.uuid, 0) + arena.buffer.nbytes
             for copy in entry.tier:
                 name = f"host-tier:{copy.uuid}"
-                totals[name] = totals.get(name, 0) + copy.arena.nbytes
+                totals[name] = totals.get(name, 0) + len(copy.host)
         return totals
 
     def tier_bytes(self) -> int:
         with self._lock:
-            return sum(c.arena.nbytes for e in self._entries.values() for c in e.tier)
+            return sum(len(c.host) for e in self._entries.values() for c in e.tier)
 
     def _reserve(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> None:
         budget = self.budgets.get(uuid)
@@ -219,11 +217,10 @@ class DeviceTier:
             entry.arenas.remove(arena)
         self.evictions += 1
         if self._make_tier_room(arena.buffer.nbytes):
-            copy = cpu_arena(arena.buffer.nbytes, name="ckptd-host-tier")
-            if copy.host is not None:
-                arena.buffer.read(0, copy.host)
+            host = self.devices.host_buffer(arena.buffer.nbytes)
+            arena.buffer.read(0, host)
             with self._lock:
-                entry.tier.append(_TierCopy(arena.uuid, copy, dict(arena.placements)))
+                entry.tier.append(_TierCopy(arena.uuid, host, dict(arena.placements)))
             logger.info("GPU arena %s (%d bytes) of %s moved to the host tier", arena.id, arena.buffer.nbytes, entry_id)
         else:
             logger.info("GPU arena %s (%d bytes) of %s freed (host tier full)", arena.id, arena.buffer.nbytes, entry_id)
@@ -243,10 +240,10 @@ class DeviceTier:
         return True
 
     def _drop_tier(self, entry: _Entry, copy: _TierCopy) -> None:
+        """Forget a host-tier copy (its memory goes with its last reference)."""
         with self._lock:
             if copy in entry.tier:
                 entry.tier.remove(copy)
-        copy.arena.close()
 
     def drop(self, entry_id: str) -> None:
         """Free every GPU arena and host-tier copy of a checkpoint (clients keep what they opened)."""
@@ -256,13 +253,21 @@ class DeviceTier:
             return
         for arena in entry.arenas:
             arena.buffer.free()
-        for copy in entry.tier:
-            copy.arena.close()
+        entry.tier.clear()  # host copies are freed with their last reference
 
     def close(self) -> None:
         """Free everything (daemon shutdown)."""
         for entry_id in list(self._entries):
             self.drop(entry_id)
+
+
+def _write(buffer: DeviceBuffer, offset: int, host: memoryview) -> None:
+    """Host → device, without a staging copy when the host bytes are pinned already."""
+    pinned = getattr(buffer, "write_pinned", None)
+    if pinned is not None and getattr(host.obj, "ptr", None) is not None:  # cupy pinned memory
+        pinned(offset, host, len(host))
+    else:
+        buffer.write(offset, host)
 
 
 def _layout_offsets(sizes: list[int]) -> tuple[list[int], int]:

@@ -69,11 +69,11 @@ def _open_devices(settings: Settings) -> Devices | None:
     if settings.devices == "simulated":
         return SimulatedDevices(settings.simulated_gpus, settings.shm_dir)
     if settings.devices == "cuda":
-        return CudaDevices()
+        return CudaDevices(gds=settings.gds)
     if importlib.util.find_spec("cupy") is None:
         return None
     try:
-        devices = CudaDevices()
+        devices = CudaDevices(gds=settings.gds)
     except Exception as exc:  # noqa: BLE001  (auto: any failure to reach CUDA means no GPU tier)
         logger.warning("no GPU tier: %s", exc)
         return None

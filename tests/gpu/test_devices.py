@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptd.formats import open_source
-from ckptd.gpu import Copy, DeviceError, SimulatedDevices, fill_device, local_devices
+from ckptd.gpu import Copy, DeviceError, SimulatedDevices, StagingPool, fill_device, local_devices
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_fill_device_streams_a_file_in_chunks(gpus: SimulatedDevices, tmp_path: 
     buffer = gpus.allocate(gpus.uuid_of(0), 200_000)
     copies = [Copy(1000, 0, 100_000), Copy(150_000, 100_032, 99_000)]
     with open_source(str(path)) as source:
-        fill_device(source, buffer, copies, staging=gpus.host_buffer, threads=4, chunk_bytes=8192)
+        fill_device(source, buffer, copies, staging=gpus.staging, threads=4, chunk_bytes=8192)
     out = memoryview(bytearray(200_000))
     buffer.read(0, out)
     assert bytes(out[:100_000]) == data[1000:101_000]
@@ -113,3 +113,20 @@ def test_local_devices_from_the_environment(tmp_path: Path) -> None:
     assert isinstance(found, SimulatedDevices) and len(found.visible()) == 1
     if not torch.cuda.is_available():
         assert local_devices({}, tmp_path) is None
+
+
+def test_staging_buffers_are_made_once_and_reused(gpus: SimulatedDevices, tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(1 << 20))
+    made: list[int] = []
+    pool = StagingPool(lambda n: made.append(n) or memoryview(bytearray(n)), count=2, nbytes=64 << 10)
+    buffer = gpus.allocate(gpus.uuid_of(0), 1 << 20)
+    for _ in range(3):  # three loads, eight threads asked for: two buffers, made once
+        with open_source(str(path)) as source:
+            fill_device(source, buffer, [Copy(0, 0, 1 << 20)], staging=pool, threads=8)
+    assert made == [64 << 10, 64 << 10]
+    out = memoryview(bytearray(1 << 20))
+    buffer.read(0, out)
+    assert bytes(out) == path.read_bytes()
+    assert {id(pool.take()), id(pool.take())} and pool.count == 2  # both back in the pool
+    buffer.free()
