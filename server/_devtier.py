@@ -40,6 +40,7 @@ class _GpuArena:
     uuid: str
     buffer: DeviceBuffer
     placements: dict[str, Placement]
+    handle: dict[str, object] = field(default_factory=dict)  # exported once, handed to every client
     last_used: float = field(default_factory=time.time)
 
 
@@ -81,6 +82,7 @@ class DeviceTier:
         self.host_tier_budget = host_tier_budget
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+        self._reserved: dict[str, int] = {}  # uuid -> bytes being placed right now
         self.evictions = 0
         self.promotions = 0
 
@@ -101,17 +103,22 @@ class DeviceTier:
             return 0, 0
         offsets, total = _layout_offsets([layout.storages[k].nbytes for k in missing])
         self._reserve(uuid, total, entry_id, evictable)
-        buffer = self.devices.allocate(uuid, total)
         try:
-            from_file = self._fill(entry, path, layout, uuid, buffer, dict(zip(missing, offsets)), host)
-        except BaseException:
-            buffer.free()
-            raise
-        arena_id = f"gpu-{secrets.token_hex(8)}"
-        placements = {k: Placement(k, arena_id, off, layout.storages[k].nbytes) for k, off in zip(missing, offsets)}
-        arena = _GpuArena(arena_id, uuid, buffer, placements)
-        with self._lock:
-            entry.arenas.append(arena)
+            buffer = self.devices.allocate(uuid, total)
+            try:
+                from_file = self._fill(entry, path, layout, uuid, buffer, dict(zip(missing, offsets)), host)
+            except BaseException:
+                buffer.free()
+                raise
+            arena_id = f"gpu-{secrets.token_hex(8)}"
+            placements = {k: Placement(k, arena_id, off, layout.storages[k].nbytes) for k, off in zip(missing, offsets)}
+            arena = _GpuArena(arena_id, uuid, buffer, placements, buffer.export())
+            with self._lock:
+                entry.arenas.append(arena)
+        finally:
+            with self._lock:
+                self._reserved[uuid] -= total
+        self._retire_promoted(entry, uuid)
         return len(missing), from_file
 
     def _fill(
@@ -133,13 +140,18 @@ class DeviceTier:
                 buffer.write(offset, resident)
             else:
                 from_disk.append(Copy(layout.storages[key].offset, offset, nbytes))
-        for copy in {id(c): c for c, _ in tiered.values()}.values():
-            if set(copy.placements) <= set(offsets) | set(entry.placed(uuid)):
-                self._drop_tier(entry, copy)  # promoted: the host copy has served its purpose
-                self.promotions += 1
         if from_disk:
             self.devices.read_file(path, buffer, from_disk)
         return sum(c.nbytes for c in from_disk)
+
+    def _retire_promoted(self, entry: _Entry, uuid: str) -> None:
+        """Host-tier copies whose every storage is back on the GPU have served their purpose."""
+        with self._lock:
+            on_gpu = set(entry.placed(uuid))
+            done = [c for c in entry.tier if c.uuid == uuid and set(c.placements) <= on_gpu]
+        for copy in done:
+            self._drop_tier(entry, copy)
+            self.promotions += 1
 
     # --- what clients get -------------------------------------------------------------
 
@@ -156,7 +168,7 @@ class DeviceTier:
                         arena, placement = placed[key]
                         placements.append(placement)
                         if arena.id not in arenas:
-                            arenas[arena.id] = ArenaInfo(arena.id, "", arena.buffer.nbytes, uuid, arena.buffer.export())
+                            arenas[arena.id] = ArenaInfo(arena.id, "", arena.buffer.nbytes, uuid, dict(arena.handle))
         return list(arenas.values()), placements
 
     # --- budgets, eviction, the host tier ---------------------------------------------
@@ -186,45 +198,51 @@ class DeviceTier:
             return sum(len(c.host) for e in self._entries.values() for c in e.tier)
 
     def _reserve(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> None:
+        """Count ``nbytes`` against the GPU's budget, moving unleased arenas (LRU first) out to fit."""
         budget = self.budgets.get(uuid)
-        if budget is None:
-            return
-        while self.resident().get(uuid, 0) + nbytes > budget:
-            victim = self._victim(uuid, loading, evictable)
+        while True:
+            with self._lock:
+                used = self.resident().get(uuid, 0) + self._reserved.get(uuid, 0)
+                if budget is None or used + nbytes <= budget:
+                    self._reserved[uuid] = self._reserved.get(uuid, 0) + nbytes
+                    return
+                victim = self._take_victim(uuid, loading, evictable)
             if victim is None:
-                held = self.resident().get(uuid, 0)
                 raise OverBudgetError(
-                    f"needs {nbytes} bytes on GPU {uuid}; its budget is {budget} bytes, {held} resident and held by "
-                    "leases. Release leases, evict checkpoints (`ckptd evict`), or raise --gpu-budget."
+                    f"needs {nbytes} bytes on GPU {uuid}; its budget is {budget} bytes, {used} resident or being "
+                    "loaded, held by leases. Release leases, evict checkpoints (`ckptd evict`), or raise --gpu-budget."
                 )
             self._to_host_tier(*victim)
 
-    def _victim(self, uuid: str, loading: str, evictable: Evictable) -> tuple[str, _GpuArena] | None:
-        with self._lock:
-            candidates = [
-                (entry_id, arena)
-                for entry_id, entry in self._entries.items()
-                if entry_id != loading and evictable(entry_id)
-                for arena in entry.arenas
-                if arena.uuid == uuid
-            ]
-        return min(candidates, key=lambda c: c[1].last_used, default=None)
+    def _take_victim(self, uuid: str, loading: str, evictable: Evictable) -> tuple[_Entry, _GpuArena] | None:
+        """The least recently used evictable arena on ``uuid``, removed from its entry (lock held)."""
+        candidates = [
+            (entry, arena)
+            for entry_id, entry in self._entries.items()
+            if entry_id != loading and evictable(entry_id)
+            for arena in entry.arenas
+            if arena.uuid == uuid
+        ]
+        victim = min(candidates, key=lambda c: c[1].last_used, default=None)
+        if victim is not None:
+            victim[0].arenas.remove(victim[1])  # no client can be handed it from now on
+        return victim
 
-    def _to_host_tier(self, entry_id: str, arena: _GpuArena) -> None:
-        """Move an unleased GPU arena to host memory (or free it when the tier is full)."""
-        with self._lock:
-            entry = self._entries[entry_id]
-            entry.arenas.remove(arena)
+    def _to_host_tier(self, entry: _Entry, arena: _GpuArena) -> None:
+        """Move an unleased GPU arena (already taken from its entry) to host memory, or free it
+        when the tier is full."""
         self.evictions += 1
-        if self._make_tier_room(arena.buffer.nbytes):
-            host = self.devices.host_buffer(arena.buffer.nbytes)
-            arena.buffer.read(0, host)
-            with self._lock:
-                entry.tier.append(_TierCopy(arena.uuid, host, dict(arena.placements)))
-            logger.info("GPU arena %s (%d bytes) of %s moved to the host tier", arena.id, arena.buffer.nbytes, entry_id)
-        else:
-            logger.info("GPU arena %s (%d bytes) of %s freed (host tier full)", arena.id, arena.buffer.nbytes, entry_id)
-        arena.buffer.free()
+        try:
+            if self._make_tier_room(arena.buffer.nbytes):
+                host = self.devices.host_buffer(arena.buffer.nbytes)
+                arena.buffer.read(0, host)
+                with self._lock:
+                    entry.tier.append(_TierCopy(arena.uuid, host, dict(arena.placements)))
+                logger.info("GPU arena %s (%d bytes) moved to the host tier", arena.id, arena.buffer.nbytes)
+            else:
+                logger.info("GPU arena %s (%d bytes) freed (host tier full)", arena.id, arena.buffer.nbytes)
+        finally:
+            arena.buffer.free()
 
     def _make_tier_room(self, nbytes: int) -> bool:
         if nbytes > self.host_tier_budget:

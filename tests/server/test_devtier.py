@@ -223,3 +223,37 @@ def test_big_endian_file_reaches_the_gpu_swapped(tmp_path: Path, gpus: Simulated
     cache, _ = _cache(tmp_path, gpus)
     manifest = cache.load(str(tmp_path / "be.pt"), map_location="cuda:0", devices=gpus.table())
     _expect(manifest, state, gpus, gpus.uuid_of(0))
+
+
+def test_concurrent_loads_never_overrun_a_gpu_budget(tmp_path: Path, gpus: SimulatedDevices) -> None:
+    import threading
+
+    states = [_state(i) for i in range(4)]
+    for i, state in enumerate(states):
+        torch.save(state, tmp_path / f"c{i}.pt")
+    budget = _nbytes(states[0]) + 1024  # room for one checkpoint at a time
+    cache, _ = _cache(tmp_path, gpus, gpu_budget=budget)
+    peak, outcomes = [0], []
+    real_allocate = gpus.allocate
+
+    def allocate(uuid: str, nbytes: int):
+        buffer = real_allocate(uuid, nbytes)
+        peak[0] = max(peak[0], gpus.allocated[uuid])
+        return buffer
+
+    gpus.allocate = allocate  # type: ignore[method-assign]
+
+    def load(i: int) -> None:
+        try:
+            cache.load(str(tmp_path / f"c{i}.pt"), map_location="cuda:0", devices=gpus.table())  # the lease is kept
+            outcomes.append("ok")
+        except ckptd.OverBudgetError:
+            outcomes.append("over")
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ok", "over", "over", "over"]  # leased: nothing could be moved out
+    assert peak[0] <= budget
