@@ -312,6 +312,13 @@ def _uuid_string(raw: bytes | str) -> str:
     return text if text.startswith("GPU-") else f"GPU-{text}"
 
 
+def _identity(props: Mapping[str, Any]) -> str:
+    """A GPU's identity across processes: its UUID, or its PCI address where cupy gives no UUID."""
+    if props.get("uuid"):
+        return _uuid_string(props["uuid"])
+    return f"PCI-{props.get('pciDomainID', 0):04x}:{props.get('pciBusID', 0):02x}:{props.get('pciDeviceID', 0):02x}"
+
+
 class _CudaBuffer(DeviceBuffer):
     def __init__(self, owner: CudaDevices, device: DeviceInfo, nbytes: int) -> None:
         super().__init__(device, nbytes)
@@ -433,7 +440,7 @@ class CudaDevices(Devices):
         for index in range(rt.getDeviceCount()):
             props = rt.getDeviceProperties(index)
             name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-            devices.append(DeviceInfo(index, _uuid_string(props["uuid"]), name, int(props["totalGlobalMem"])))
+            devices.append(DeviceInfo(index, _identity(props), name, int(props["totalGlobalMem"])))
         self._devices = tuple(devices)
         self._local = threading.local()
         self.staging = StagingPool(self.host_buffer, count=staging_buffers, nbytes=staging_bytes)
