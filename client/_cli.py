@@ -312,6 +312,7 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
         "devices": args.devices,
         "simulated_gpus": args.simulated_gpus,
         "gds": args.gds,
+        "gpu_sharing": args.gpu_sharing,
         "gpu_budget": args.gpu_budget,
         "host_tier_budget": args.host_tier_budget,
         "shm_dir": args.shm_dir,
@@ -552,6 +553,8 @@ def _add_serve(commands: Any) -> None:
     sub.add_argument("--simulated-gpus", type=int, metavar="N", help="fake GPUs for --devices simulated (tests)")
     sub.add_argument("--gds", action="store_true", default=None,
                      help="read files straight into GPU memory with GPUDirect Storage (kvikio); falls back to staging")
+    sub.add_argument("--gpu-sharing", choices=("ipc", "vmm"),
+                     help="how workers map GPU arenas: ipc (legacy, read-write; default) or vmm (read-only)")
     sub.add_argument("--gpu-budget", metavar="SPEC", help="per-GPU budget: cuda:0=40GiB,cuda:1=40GiB (default 90%% of each)")
     sub.add_argument("--host-tier-budget", metavar="SIZE", help="host memory for evicted GPU arenas (default 25%% of RAM)")
     sub.add_argument("--shm-dir", metavar="D", help="where CPU arenas live (default /dev/shm)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -155,17 +156,17 @@ class Client:
     def _views(self, manifest: Manifest) -> tuple[dict[str, torch.UntypedStorage], frozenset[str]]:
         """Each storage of the manifest as a view of its arena (each arena mapped or opened
         once per process), and the keys already on their GPU."""
-        arenas = {info.id: self._map(info) for info in manifest.arenas}
+        arenas = {info.id: self._map(info, manifest.lease) for info in manifest.arenas}
         on_gpu = {info.id for info in manifest.arenas if info.device != "cpu"}
         views = {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
         return views, frozenset(p.key for p in manifest.placements if p.arena in on_gpu)
 
-    def _map(self, info: ArenaInfo) -> torch.UntypedStorage:
+    def _map(self, info: ArenaInfo, lease: str) -> torch.UntypedStorage:
         with self._lock:
             ref = self._mappings.get(info.id)
             mapping = ref() if ref else None
             if mapping is None:
-                storage, mapping = self._open(info)
+                storage, mapping = self._open(info, lease)
                 self._mappings[info.id] = weakref.ref(mapping)
                 weakref.finalize(mapping, self._leases.arena_gone, info.id)
                 return storage
@@ -173,12 +174,18 @@ class Client:
             return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
         return mapping.storage()  # a GPU mapping rebuilds a storage on itself
 
-    def _open(self, info: ArenaInfo) -> tuple[torch.UntypedStorage, Any]:
+    def _open(self, info: ArenaInfo, lease: str) -> tuple[torch.UntypedStorage, Any]:
         if info.device == "cpu":
             return map_arena(info.path, info.nbytes)
         if info.handle is None or self._devices is None:
             raise DaemonError(f"the daemon sent GPU arena {info.id} on {info.device}, but this process has no GPUs to open it")
-        return self._devices.open(info.handle)
+        if not info.handle.get("fd"):
+            return self._devices.open(info.handle)
+        fd = receive_fd(self.url, lease, info.id)  # read-only mappings come from a descriptor
+        try:
+            return self._devices.open(info.handle, fd)
+        finally:
+            os.close(fd)
 
     def _hold(self, manifest: Manifest, build: Any) -> Any:
         """Build the result, then keep its lease until its arenas are unmapped."""
@@ -372,6 +379,35 @@ class _SessionWatch:
             http.close()
         if thread is not None:
             thread.join(timeout=10)
+
+
+def receive_fd(url: str, lease: str, arena: str) -> int:
+    """The descriptor of GPU arena ``arena`` from the daemon's descriptor socket (``<socket>.fd``).
+
+    Only a Unix socket carries descriptors: over TCP, read-only GPU mappings are refused.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "unix":
+        raise DaemonError(f"read-only GPU mappings need the daemon's Unix socket; {url} cannot pass descriptors")
+    path = parsed.path + ".fd"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps({"lease": lease, "arena": arena}).encode() + b"\n")
+            message, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        except OSError as exc:
+            raise DaemonNotRunningError(f"no descriptor socket answers at {path}: {exc}") from exc
+    try:
+        body = json.loads(message or b"{}")
+    except ValueError:
+        body = None
+    if not fds:
+        raise error_from(0, body)
+    if len(fds) > 1:  # never more than asked for
+        for extra in fds[1:]:
+            os.close(extra)
+    return fds[0]
 
 
 def _place(view: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:

@@ -31,6 +31,7 @@ import queue
 import secrets
 import threading
 import uuid as uuidlib
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import torch
 
 from ._arena import map_arena
 from ._errors import DeviceError
+from . import _vmm
 from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, fill_device
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,11 @@ class DeviceBuffer(abc.ABC):
     @abc.abstractmethod
     def free(self) -> None:
         """Release the memory (idempotent); processes that opened it keep their mapping."""
+
+    def share_fd(self) -> int:
+        """A new file descriptor for this memory, for buffers whose handle says ``"fd": true``
+        (the daemon passes it over its descriptor socket, then closes it)."""
+        raise DeviceError(f"a buffer on {self.device.uuid} is shared by handle, not by file descriptor")
 
 
 class StagingPool:
@@ -161,11 +168,12 @@ class Devices(abc.ABC):
         """A new buffer of ``nbytes`` on the GPU ``uuid`` (outside torch's caching allocator)."""
 
     @abc.abstractmethod
-    def open(self, handle: Mapping[str, Any]) -> tuple[torch.UntypedStorage, object]:
+    def open(self, handle: Mapping[str, Any], fd: int | None = None) -> tuple[torch.UntypedStorage, object]:
         """Open an exported buffer: its bytes as a storage, and the mapping object.
 
-        The mapping lives as long as any storage built on it (weakly referenceable: its
-        owner learns when it is gone); the handle is closed then.
+        Handles with ``"fd": true`` come with a file descriptor the daemon passed (the
+        caller closes it afterwards). The mapping lives as long as any storage built on
+        it (weakly referenceable: its owner learns when it is gone); it is closed then.
         """
 
     def host_buffer(self, nbytes: int) -> memoryview:
@@ -216,7 +224,16 @@ class _SimBuffer(DeviceBuffer):
         self._owner.count("peer", nbytes)
 
     def export(self) -> dict[str, Any]:
+        if self._owner.read_only:
+            return {"kind": "simulated", "uuid": self.device.uuid, "nbytes": self.nbytes, "fd": True}
         return {"kind": "simulated", "uuid": self.device.uuid, "path": self.path, "nbytes": self.nbytes}
+
+    def share_fd(self) -> int:
+        if not self._owner.read_only:
+            return super().share_fd()
+        if self._map is None and self.nbytes:
+            raise DeviceError(f"buffer on {self.device.uuid} was freed")
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def free(self) -> None:
         if self._map is not None:
@@ -237,10 +254,9 @@ class SimulatedDevices(Devices):
     """
 
     kind = "simulated"
-    sharing = "simulated (shared-memory files mapped copy-on-write)"
 
     def __init__(self, count: int, directory: str | os.PathLike[str], *, visible: Sequence[int] | None = None,
-                 memory: int = 16 << 30) -> None:
+                 memory: int = 16 << 30, read_only: bool = False) -> None:
         if count < 0:
             raise DeviceError(f"simulated GPU count must be >= 0, not {count}")
         self.directory = os.fspath(directory)
@@ -255,6 +271,13 @@ class SimulatedDevices(Devices):
         self.allocated: dict[str, int] = {d.uuid: 0 for d in self._devices}
         self._lock = threading.Lock()
         self.staging = StagingPool(self.host_buffer, count=DEFAULT_THREADS, nbytes=1 << 20)
+        # read_only simulates CUDA VMM: descriptors passed over a socket, mapped read-only
+        self.read_only = read_only
+        self.sharing = (
+            "simulated read-only (descriptors passed over the socket, mapped read-only)"
+            if read_only
+            else "simulated (shared-memory files mapped copy-on-write)"
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], directory: str | os.PathLike[str]) -> SimulatedDevices:
@@ -283,13 +306,31 @@ class SimulatedDevices(Devices):
         with self._lock:
             self.moved[direction] += nbytes
 
-    def open(self, handle: Mapping[str, Any]) -> tuple[torch.UntypedStorage, object]:
+    def open(self, handle: Mapping[str, Any], fd: int | None = None) -> tuple[torch.UntypedStorage, object]:
         if handle.get("kind") != "simulated":
             raise DeviceError(f"cannot open a {handle.get('kind')!r} handle with simulated devices")
         self.by_uuid(str(handle["uuid"]))  # the GPU must be visible here too, as with CUDA IPC
         if not handle["nbytes"]:
             return torch.UntypedStorage(0), _Opened()
+        if handle.get("fd"):
+            if fd is None:
+                raise DeviceError("this buffer is opened from a file descriptor the daemon passes")
+            return _map_read_only(fd, int(handle["nbytes"]))
         return map_arena(str(handle["path"]), int(handle["nbytes"]))
+
+
+class _ReadOnlyMap(mmap.mmap):
+    """A read-only mapping that can be weakly referenced."""
+
+    def storage(self) -> torch.UntypedStorage:
+        with warnings.catch_warnings():  # read-only on purpose: a write faults, as on a read-only GPU mapping
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(self, dtype=torch.uint8).untyped_storage()
+
+
+def _map_read_only(fd: int, nbytes: int) -> tuple[torch.UntypedStorage, object]:
+    mapping = _ReadOnlyMap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    return mapping.storage(), mapping
 
 
 class _Opened:
@@ -325,7 +366,10 @@ class _CudaBuffer(DeviceBuffer):
         self._cp = owner.cupy
         self._owner = owner
         with self._cp.cuda.Device(device.index):
-            self.ptr = self._cp.cuda.runtime.malloc(max(nbytes, 1)) if nbytes else 0
+            self.ptr = self._allocate(nbytes) if nbytes else 0
+
+    def _allocate(self, nbytes: int) -> int:
+        return int(self._cp.cuda.runtime.malloc(nbytes))
 
     def write(self, offset: int, data: memoryview) -> None:
         self._check(offset, len(data))
@@ -385,6 +429,29 @@ class _CudaBuffer(DeviceBuffer):
             self.ptr = 0
 
 
+class _VmmBuffer(_CudaBuffer):
+    """A buffer from CUDA virtual memory management: clients map it read-only from a descriptor."""
+
+    def _allocate(self, nbytes: int) -> int:
+        self._cp.cuda.runtime.free(0)  # the device's primary context, current for the driver calls
+        self._vmm = _vmm.VmmAllocation(self.device.index, nbytes)
+        return self._vmm.ptr
+
+    def export(self) -> dict[str, Any]:
+        size = self._vmm.size if self.nbytes else 0
+        return {"kind": "cuda-vmm", "uuid": self.device.uuid, "nbytes": self.nbytes, "size": size, "fd": True}
+
+    def share_fd(self) -> int:
+        with self._cp.cuda.Device(self.device.index):
+            return self._vmm.export_fd()
+
+    def free(self) -> None:
+        if self.ptr:
+            with self._cp.cuda.Device(self.device.index):
+                self._vmm.free()
+            self.ptr = 0
+
+
 def _address(buffer: memoryview) -> int:
     """The host address of a writable buffer (a pinned buffer's or a bytearray's)."""
     import ctypes
@@ -393,11 +460,14 @@ def _address(buffer: memoryview) -> int:
 
 
 class _IpcMapping:
-    """An opened CUDA IPC handle; closed when the last storage built on it is gone."""
+    """An opened CUDA IPC handle (or read-only VMM mapping): closed when the last storage
+    built on it is gone."""
 
-    def __init__(self, cp: Any, device_index: int, ptr: int, nbytes: int) -> None:
+    def __init__(self, cp: Any, device_index: int, ptr: int, nbytes: int, keep: object = None) -> None:
         self._cp, self._device, self._ptr, self._nbytes = cp, device_index, ptr, nbytes
-        weakref.finalize(self, _close_ipc, cp, device_index, ptr)
+        self._keep = keep  # a read-only VMM mapping unmaps itself when this goes
+        if keep is None:
+            weakref.finalize(self, _close_ipc, cp, device_index, ptr)
 
     def storage(self) -> torch.UntypedStorage:
         """The whole buffer as a torch storage on its GPU (it keeps this mapping alive)."""
@@ -426,9 +496,8 @@ class CudaDevices(Devices):
     """
 
     kind = "cuda"
-    sharing = "cuda-ipc (legacy read-write handles)"
 
-    def __init__(self, *, gds: bool = False, staging_buffers: int = DEFAULT_THREADS,
+    def __init__(self, *, gds: bool = False, vmm: bool = False, staging_buffers: int = DEFAULT_THREADS,
                  staging_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         try:
             import cupy
@@ -445,6 +514,10 @@ class CudaDevices(Devices):
         self._local = threading.local()
         self.staging = StagingPool(self.host_buffer, count=staging_buffers, nbytes=staging_bytes)
         self.gds = gds and self._kvikio() is not None
+        self.vmm = vmm and self._vmm_works()
+        self.sharing = (
+            "cuda-vmm (read-only client mappings from descriptors)" if self.vmm else "cuda-ipc (legacy read-write handles)"
+        )
 
     def visible(self) -> tuple[DeviceInfo, ...]:
         return self._devices
@@ -456,6 +529,18 @@ class CudaDevices(Devices):
             with self.cupy.cuda.Device(index):
                 streams[index] = self.cupy.cuda.Stream(non_blocking=True)
         return streams[index]
+
+    def _vmm_works(self) -> bool:
+        """Whether read-only VMM sharing can be used here (else legacy IPC, with a warning)."""
+        try:
+            for device in self._devices:
+                with self.cupy.cuda.Device(device.index):
+                    self.cupy.cuda.runtime.free(0)
+                    _vmm.VmmAllocation(device.index, 1).free()
+        except DeviceError as exc:
+            logger.warning("read-only GPU sharing (CUDA VMM) unavailable (%s); using legacy CUDA IPC handles", exc)
+            return False
+        return True
 
     @staticmethod
     def _kvikio() -> Any:
@@ -501,12 +586,24 @@ class CudaDevices(Devices):
     def allocate(self, uuid: str, nbytes: int) -> DeviceBuffer:
         device = self.by_uuid(uuid)
         try:
-            return _CudaBuffer(self, device, nbytes)
+            return (_VmmBuffer if self.vmm else _CudaBuffer)(self, device, nbytes)
         except self.cupy.cuda.runtime.CUDARuntimeError as exc:
             raise DeviceError(f"cannot allocate {nbytes} bytes on {uuid}: {exc}") from exc
 
-    def open(self, handle: Mapping[str, Any]) -> tuple[torch.UntypedStorage, object]:
-        return open_cuda_ipc(handle, self.cupy, self.by_uuid(str(handle["uuid"])).index)
+    def open(self, handle: Mapping[str, Any], fd: int | None = None) -> tuple[torch.UntypedStorage, object]:
+        index = self.by_uuid(str(handle["uuid"])).index
+        if handle.get("kind") != "cuda-vmm":
+            return open_cuda_ipc(handle, self.cupy, index)
+        nbytes = int(handle["nbytes"])
+        if nbytes == 0:
+            return torch.UntypedStorage(0, device=torch.device("cuda", index)), _Opened()
+        if fd is None:
+            raise DeviceError("a read-only GPU mapping is opened from a file descriptor the daemon passes")
+        with self.cupy.cuda.Device(index):
+            self.cupy.cuda.runtime.free(0)
+            mapped = _vmm.ReadOnlyMapping(fd, int(handle["size"]), index)
+        mapping = _IpcMapping(self.cupy, index, mapped.ptr, nbytes, keep=mapped)
+        return mapping.storage(), mapping
 
 
 def open_cuda_ipc(handle: Mapping[str, Any], cp: Any, device_index: int) -> tuple[torch.UntypedStorage, object]:

@@ -52,7 +52,7 @@ from ckptd.formats import (
     open_source,
     read_layout,
 )
-from ckptd.gpu import Arena, shm_arena
+from ckptd.gpu import Arena, DeviceBuffer, shm_arena
 
 from ._devtier import DeviceTier
 from ._leases import LeaseTable
@@ -157,6 +157,11 @@ class Cache:
             for uuid, budget in (tier.budgets if tier else {}).items():
                 metrics.set_budget(uuid, budget)
 
+    @property
+    def has_gpus(self) -> bool:
+        """Whether this cache keeps storages on GPUs (a device tier)."""
+        return self._tier is not None
+
     # --- requests -------------------------------------------------------------------
 
     def load(
@@ -237,6 +242,13 @@ class Cache:
         if checkpoint is not None:
             self._forget_if_stale(checkpoint)
         self._report()
+
+    def arena_buffer(self, lease: str, arena: str) -> DeviceBuffer:
+        """The GPU buffer of ``arena``, for the holder of ``lease`` (the descriptor socket's check)."""
+        checkpoint = self.leases.checkpoint_of(lease)
+        if self._tier is None:
+            raise UsageError("this daemon holds no GPU arenas")
+        return self._tier.buffer(checkpoint, arena)
 
     def end_session(self, session: str) -> int:
         """A client's session connection dropped (its process died): release its leases now."""

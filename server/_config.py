@@ -17,6 +17,8 @@ devices              CKPTD_DEVICES           ``auto``: CUDA through cupy where t
                                              ``cuda``, ``simulated`` (tests), ``none``
 simulated_gpus       CKPTD_SIMULATED_GPUS    0 (how many with ``devices=simulated``)
 gds                  CKPTD_GDS               false: GPUDirect Storage reads through kvikio
+gpu_sharing          CKPTD_GPU_SHARING       ``ipc``: legacy CUDA IPC handles; ``vmm``: read-only
+                                             client mappings (CUDA virtual memory management)
 gpu_budget           CKPTD_GPU_BUDGET        90% of each GPU; ``cuda:0=40GiB,cuda:1=40GiB`` or JSON
 host_tier_budget     CKPTD_HOST_TIER_BUDGET  25% of RAM: host copies of evicted GPU arenas
 shm_dir              CKPTD_SHM_DIR           ``/dev/shm``
@@ -161,6 +163,7 @@ class Settings(BaseSettings):
     devices: Literal["auto", "cuda", "simulated", "none"] = "auto"
     simulated_gpus: int = Field(default=0, ge=0)
     gds: bool = False
+    gpu_sharing: Literal["ipc", "vmm"] = "ipc"
     gpu_budget: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     host_tier_budget: int = Field(default_factory=lambda: host_memory() // 4)
     shm_dir: Path = Path("/dev/shm")

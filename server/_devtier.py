@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ckptd._exceptions import OverBudgetError
+from ckptd._exceptions import OverBudgetError, UsageError
 from ckptd._manifest import ArenaInfo, Placement
 from ckptd.formats import Layout
 from ckptd.gpu import Copy, DeviceBuffer, Devices, align
@@ -170,6 +170,15 @@ class DeviceTier:
                         if arena.id not in arenas:
                             arenas[arena.id] = ArenaInfo(arena.id, "", arena.buffer.nbytes, uuid, dict(arena.handle))
         return list(arenas.values()), placements
+
+    def buffer(self, entry_id: str, arena_id: str) -> DeviceBuffer:
+        """The buffer of GPU arena ``arena_id`` of checkpoint ``entry_id`` (for a descriptor)."""
+        with self._lock:
+            entry = self._entries.get(entry_id, _Entry())
+            for arena in entry.arenas:
+                if arena.id == arena_id:
+                    return arena.buffer
+        raise UsageError(f"GPU arena {arena_id!r} is not part of the checkpoint this lease holds")
 
     # --- budgets, eviction, the host tier ---------------------------------------------
 

@@ -61,6 +61,14 @@ class LeaseTable:
             lease.expires = now + self.ttl
             return self.ttl
 
+    def checkpoint_of(self, lease_id: str) -> str:
+        """The checkpoint a live lease holds; :class:`LeaseLostError` if it is gone."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.expires <= self._clock():
+                raise LeaseLostError(f"lease {lease_id!r} expired or was released; load the checkpoint again")
+            return lease.checkpoint
+
     def release(self, lease_id: str) -> str | None:
         """Drop a lease (idempotent); returns the checkpoint it held, if it was live."""
         with self._lock:

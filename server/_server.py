@@ -35,6 +35,7 @@ from ._app import create_app
 from ._cache import Cache
 from ._config import Settings
 from ._devtier import DeviceTier
+from ._fdchannel import FdServer, fd_socket_path
 from ._metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -66,14 +67,15 @@ def device_tier(settings: Settings) -> DeviceTier | None:
 def _open_devices(settings: Settings) -> Devices | None:
     if settings.devices == "none":
         return None
+    vmm = settings.gpu_sharing == "vmm"
     if settings.devices == "simulated":
-        return SimulatedDevices(settings.simulated_gpus, settings.shm_dir)
+        return SimulatedDevices(settings.simulated_gpus, settings.shm_dir, read_only=vmm)
     if settings.devices == "cuda":
-        return CudaDevices(gds=settings.gds)
+        return CudaDevices(gds=settings.gds, vmm=vmm)
     if importlib.util.find_spec("cupy") is None:
         return None
     try:
-        devices = CudaDevices(gds=settings.gds)
+        devices = CudaDevices(gds=settings.gds, vmm=vmm)
     except Exception as exc:  # noqa: BLE001  (auto: any failure to reach CUDA means no GPU tier)
         logger.warning("no GPU tier: %s", exc)
         return None
@@ -104,6 +106,7 @@ class Server:
         self._uvicorn: _Uvicorn | None = None
         self._stop_reaper = threading.Event()
         self._socket_inode: int | None = None
+        self._fds: FdServer | None = None
 
     def serve(self) -> None:
         """Bind, serve until told to stop, then free the cache and remove the socket."""
@@ -141,11 +144,20 @@ class Server:
     def _bind_unix(self) -> socket.socket:
         sock = bind_unix(self.settings.socket)
         self._socket_inode = os.stat(self.settings.socket).st_ino
+        if self.cache.has_gpus:  # descriptors for read-only GPU mappings travel beside HTTP
+            try:
+                self._fds = FdServer(fd_socket_path(self.settings.socket), self.cache.arena_buffer)
+            except BaseException:
+                self._close_sockets([sock])
+                raise
         return sock
 
     def _close_sockets(self, sockets: list[socket.socket]) -> None:
         for sock in sockets:
             sock.close()
+        if self._fds is not None:
+            self._fds.close()
+            self._fds = None
         self._remove_socket_file()
 
     def _remove_socket_file(self) -> None:

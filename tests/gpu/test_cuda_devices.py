@@ -114,3 +114,39 @@ def test_daemon_serves_gpu_tensors_over_ipc(daemon: Daemon, tmp_path: Path) -> N
         (entry,) = [c for c in client.checkpoints() if c["path"] == str(path)]
         assert entry["hits"] >= 1 and any(k.startswith("GPU-") for k in entry["resident_bytes"])
         assert client.stats()["gpu_sharing"].startswith("cuda-ipc")
+
+
+@pytest.fixture(scope="module")
+def vmm_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    base = tmp_path_factory.mktemp("vmmdaemon")
+    (base / "root").mkdir()
+    (base / "shm").mkdir()
+    yield from start_daemon(base / "root", base / "shm", "--devices", "cuda", "--gpu-sharing", "vmm")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch, ckptd
+    state = ckptd.Client(sys.argv[1]).load(sys.argv[2], map_location="cuda:0")
+    state["w"].zero_()
+    torch.cuda.synchronize()  # the write faults on a read-only mapping
+    """
+)
+
+
+def test_vmm_mappings_are_read_only_for_workers(vmm_daemon: Daemon, tmp_path: Path) -> None:
+    path = vmm_daemon.root / "vmm.pt"
+    torch.save({"w": torch.randn(512, 512), "b": torch.arange(10)}, path)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = subprocess.run([sys.executable, str(script), vmm_daemon.url, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"ok": True, "device": "cuda:0"}
+    with ckptd.Client(vmm_daemon.url) as client:
+        assert client.stats()["gpu_sharing"].startswith("cuda-vmm")
+    writer = tmp_path / "writer.py"
+    writer.write_text(WRITER)
+    crashed = subprocess.run([sys.executable, str(writer), vmm_daemon.url, str(path)], capture_output=True, text=True, timeout=300)
+    assert crashed.returncode != 0  # the writer's own context faulted
+    again = subprocess.run([sys.executable, str(script), vmm_daemon.url, str(path)], capture_output=True, text=True, timeout=300)
+    assert json.loads(again.stdout) == {"ok": True, "device": "cuda:0"}  # the cache is intact

@@ -130,3 +130,27 @@ def test_staging_buffers_are_made_once_and_reused(gpus: SimulatedDevices, tmp_pa
     assert bytes(out) == path.read_bytes()
     assert {id(pool.take()), id(pool.take())} and pool.count == 2  # both back in the pool
     buffer.free()
+
+
+def test_read_only_buffers_travel_as_descriptors(tmp_path: Path) -> None:
+    gpus = SimulatedDevices(1, tmp_path, read_only=True)
+    buffer = gpus.allocate(gpus.uuid_of(0), 32)
+    buffer.write(0, memoryview(bytes(range(32))))
+    handle = buffer.export()
+    assert handle["fd"] is True and "path" not in handle  # no name to open: only a passed descriptor
+    with pytest.raises(DeviceError, match="file descriptor"):
+        gpus.open(handle)
+    fd = buffer.share_fd()
+    try:
+        storage, mapping = gpus.open(handle, fd)
+    finally:
+        os.close(fd)
+    assert bytes(storage.tolist()) == bytes(range(32))
+    assert gpus.sharing.startswith("simulated read-only") and mapping is not None
+    buffer.free()
+    with pytest.raises(DeviceError, match="freed"):
+        buffer.share_fd()
+    plain = SimulatedDevices(1, tmp_path).allocate(SimulatedDevices(1, tmp_path).uuid_of(0), 8)
+    with pytest.raises(DeviceError, match="shared by handle"):
+        plain.share_fd()
+    plain.free()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -153,3 +154,75 @@ def test_killed_worker_loses_its_gpu_lease(daemon: Daemon, gpus: SimulatedDevice
         _until(lambda: _entry(client, path)["leases"] == 0, "the killed worker's lease to end")
         client.evict(str(path))
         assert client.stats()["gpu_sharing"].startswith("simulated")
+
+
+# --- read-only GPU mappings (CUDA VMM, simulated): descriptors over the descriptor socket ---
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch, ckptd
+    url, path = sys.argv[1:3]
+    client = ckptd.Client(url)
+    state = client.load(path, map_location="cuda:0")
+    print(float(state["w"].double().sum()), flush=True)
+    state["w"].zero_()  # a read-only mapping: this faults, in this process only
+    print("wrote", flush=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def ro_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    base = tmp_path_factory.mktemp("rodaemon")
+    (base / "root").mkdir()
+    (base / "shm").mkdir()
+    yield from start_daemon(base / "root", base / "shm", "--devices", "simulated", "--simulated-gpus", "2",
+                            "--gpu-sharing", "vmm")
+
+
+def test_read_only_mapping_from_a_passed_descriptor(ro_daemon: Daemon, tmp_path: Path) -> None:
+    state = _state(4)
+    path = ro_daemon.root / "ro.pt"
+    torch.save(state, path)
+    gpus = SimulatedDevices(2, ro_daemon.shm)
+    with ckptd.Client(ro_daemon.url, devices=gpus) as client:
+        mine = client.load(path, map_location="cuda:1")
+        for name, tensor in state.items():
+            assert torch.equal(mine[name], tensor)
+        assert client.stats()["gpu_sharing"].startswith("simulated read-only")
+        assert Path(ro_daemon.sock + ".fd").stat().st_mode & 0o777 == 0o600
+
+        script = tmp_path / "writer.py"
+        script.write_text(WRITER)
+        env = {**os.environ, "CKPTD_SIMULATED_GPUS": "2", "CUDA_VISIBLE_DEVICES": "1"}
+        no_core = lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # noqa: E731  (the crash is the point)
+        writer = subprocess.run([sys.executable, str(script), ro_daemon.url, str(path)], capture_output=True, text=True,
+                                env=env, timeout=120, preexec_fn=no_core)
+        assert writer.returncode == -signal.SIGSEGV, (writer.returncode, writer.stderr[-2000:])
+        assert writer.stdout.split() == [str(float(state["w"].double().sum()))]  # it read, then died writing
+        assert torch.equal(mine["w"], state["w"])  # nobody else saw a thing
+        again = client.load(path, map_location="cuda:1")
+        assert torch.equal(again["w"], state["w"])
+
+
+def test_descriptor_socket_checks_the_lease(ro_daemon: Daemon) -> None:
+    from ckptd._client import receive_fd
+
+    path = ro_daemon.root / "guarded.pt"
+    torch.save(_state(5), path)
+    gpus = SimulatedDevices(2, ro_daemon.shm)
+    with ckptd.Client(ro_daemon.url, devices=gpus) as client:
+        manifest = client._manifest(path, "cuda:0", None, None, None)
+        (arena,) = manifest.arenas
+        fd = receive_fd(ro_daemon.url, manifest.lease, arena.id)
+        os.close(fd)
+        with pytest.raises(ckptd.LeaseLostError):
+            receive_fd(ro_daemon.url, "no-such-lease", arena.id)
+        with pytest.raises(ckptd.UsageError, match="not part of the checkpoint"):
+            receive_fd(ro_daemon.url, manifest.lease, "gpu-0000")
+        with pytest.raises(ckptd.DaemonError, match="Unix socket"):
+            receive_fd("http://127.0.0.1:9", manifest.lease, arena.id)
+        client.renew(manifest.lease)
+        client._release(manifest.lease)
+        with pytest.raises(ckptd.LeaseLostError):
+            receive_fd(ro_daemon.url, manifest.lease, arena.id)
