@@ -111,18 +111,22 @@ class Client:
             raise UsageError(f"{manifest.path} is a TorchScript archive: load it with Client.jit_load")
         wanted = wanted_entries(layout, tensor_name, prefix, select)
         keys = list(layout.storages) if wanted is None else keys_of(wanted)
-        views, placed = self._views(manifest)
-        storages = StorageSet(layout, request.map_location, frozenset(keys), views=views, placed=placed)
-        return self._hold(manifest, lambda: rebuild(layout, storages, request, tensor_name is not None, wanted))
+
+        def build() -> Any:
+            views, placed = self._views(manifest)
+            storages = StorageSet(layout, request.map_location, frozenset(keys), views=views, placed=placed)
+            return rebuild(layout, storages, request, tensor_name is not None, wanted)
+
+        return self._hold(manifest, build)
 
     def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
         """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""
         from ._jit import adopt_tensors
 
         manifest = self._manifest(f, None, None, None, None, gpus=False)
-        views, _ = self._views(manifest)
 
         def build() -> Any:
+            views, _ = self._views(manifest)
             module = torch.jit.load(manifest.path, map_location=map_location, _extra_files=_extra_files)
             adopt_tensors(module, manifest.layout, lambda device, keys: {k: _place(views[k], device) for k in keys})
             return module
@@ -188,7 +192,8 @@ class Client:
             os.close(fd)
 
     def _hold(self, manifest: Manifest, build: Any) -> Any:
-        """Build the result, then keep its lease until its arenas are unmapped."""
+        """Map the arenas and build the result, then keep its lease until they are unmapped
+        (released at once if anything fails)."""
         try:
             result = build()
         except BaseException:
