@@ -146,7 +146,7 @@ class Client:
             "prefix": prefix,
             "select": list(select) if select is not None and not isinstance(select, str) else select,
             "devices": self._device_table() if gpus else None,
-            "session": self._session.open(),
+            "session": self._session.id,
         }
         return Manifest.from_json(self._request("POST", "/v1/load", json=body))
 
@@ -201,6 +201,7 @@ class Client:
             raise
         self._leases.set_interval(manifest.lease_ttl)
         self._leases.hold(manifest.lease, {info.id for info in manifest.arenas}, self._alive_arenas())
+        self._session.open()  # after the load, so its connection does not compete with it
         return result
 
     def _alive_arenas(self) -> set[str]:
@@ -430,13 +431,15 @@ def _json_map_location(map_location: MapLocation) -> str | dict[str, str] | None
 
 
 def _transport(url: str) -> tuple[httpx.HTTPTransport, str]:
+    # Without TLS (a Unix socket, plain http) no certificate store is loaded: that costs
+    # tens of milliseconds, and a worker's first attach is timed in milliseconds.
     parsed = urlparse(url)
     if parsed.scheme == "unix":
         if not parsed.path.startswith("/"):
             raise UsageError(f"{url}: a unix URL needs an absolute socket path (unix:///run/ckptd.sock)")
-        return httpx.HTTPTransport(uds=parsed.path), "http://ckptd"
+        return httpx.HTTPTransport(uds=parsed.path, verify=False), "http://ckptd"
     if parsed.scheme in ("http", "https") and parsed.netloc:
-        return httpx.HTTPTransport(), url.rstrip("/")
+        return httpx.HTTPTransport(verify=parsed.scheme == "https"), url.rstrip("/")
     raise UsageError(f"{url}: expected unix:///path/to.sock or http://host:port")
 
 

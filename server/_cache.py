@@ -152,6 +152,7 @@ class Cache:
         self._evictions = 0
         self._lock = threading.RLock()
         self._tier = tier
+        self._sessions: dict[str, int] = {}  # session id -> open connections
         if metrics:
             metrics.set_budget("cpu", self._budget)
             for uuid, budget in (tier.budgets if tier else {}).items():
@@ -250,8 +251,17 @@ class Cache:
             raise UsageError("this daemon holds no GPU arenas")
         return self._tier.buffer(checkpoint, arena)
 
+    def begin_session(self, session: str) -> None:
+        """A client opened its session connection (counted in :meth:`stats`)."""
+        with self._lock:
+            self._sessions[session] = self._sessions.get(session, 0) + 1
+
     def end_session(self, session: str) -> int:
         """A client's session connection dropped (its process died): release its leases now."""
+        with self._lock:
+            left = self._sessions.pop(session, 0) - 1
+            if left > 0:
+                self._sessions[session] = left
         ended = self.leases.end_session(session)
         for lease in ended:
             logger.info("lease %s on %s released: its client's connection closed", lease.id, lease.checkpoint)
@@ -280,6 +290,7 @@ class Cache:
             "resident_bytes": {"cpu": resident, **(self._tier.resident() if self._tier else {})},
             "budget_bytes": {"cpu": self._budget, **(self._tier.budgets if self._tier else {})},
             "leases": self.leases.total(),
+            "sessions": len(self._sessions),
             "hits": sum(e.hits for e in entries),
             "misses": sum(e.misses for e in entries),
             "evictions": self._evictions,

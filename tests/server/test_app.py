@@ -89,6 +89,9 @@ class FakeCache:
     def release(self, lease: str) -> None:
         self._record("release", lease)
 
+    def begin_session(self, session: str) -> None:
+        self._record("begin_session", session)
+
     def end_session(self, session: str) -> int:
         self._record("end_session", session)
         return 0

@@ -296,6 +296,7 @@ def test_killed_client_loses_its_lease_when_its_connection_drops(tmp_path: Path)
             try:
                 assert victim.result()["equal"]
                 assert _entry(admin, path)["leases"] == 1
+                _wait_for(lambda: admin.stats()["sessions"] == 1, 10.0, "the client's session connection")
                 victim.proc.send_signal(signal.SIGKILL)
                 victim.proc.wait()
             finally:

@@ -147,6 +147,7 @@ def test_killed_worker_loses_its_gpu_lease(daemon: Daemon, gpus: SimulatedDevice
     _report(proc, out)
     with ckptd.Client(daemon.url) as client:
         assert _entry(client, path)["leases"] == 1
+        _until(lambda: client.stats()["sessions"] >= 1, "the worker's session connection")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.stdin is not None
