@@ -26,11 +26,11 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from ckptd.formats import FileLike, Format
+from ckptd.formats import FileLike, Format, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
 from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
-from ._load import keys_of, make_request, rebuild, wanted_entries
+from ._load import keys_of, make_request, rebuild, sharded_plan, wanted_entries
 from ._manifest import ArenaInfo, Manifest
 from ._placement import MapLocation, restore, target_tag
 from ._select import Select
@@ -104,6 +104,9 @@ class Client:
         A callable ``map_location`` is applied here, once per storage, to the shared CPU storage.
         """
         request = make_request(map_location, pickle_module, weights_only, mmap, None, pickle_load_args)
+        if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
+            return self._load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix,
+                                      select, pickle_load_args)
         manifest = self._manifest(f, map_location, tensor_name, prefix, select)
         layout = manifest.layout
         if layout.format is Format.TORCHSCRIPT:
@@ -118,6 +121,20 @@ class Client:
             return rebuild(layout, storages, request, tensor_name is not None, wanted)
 
         return self._hold(manifest, build)
+
+    def _load_sharded(
+        self, path: str, map_location: MapLocation, pickle_module: ModuleType | None, weights_only: bool | None,
+        tensor_name: str | None, prefix: str | None, select: Select, pickle_load_args: dict[str, Any],
+    ) -> Any:
+        """A Hugging Face sharded checkpoint: each shard through the daemon (cached on its own),
+        merged into one state dict in the index's order."""
+        names, plan = sharded_plan(path, tensor_name, prefix, select)
+        merged: dict[str, Any] = {}
+        for shard, wanted in plan.items():
+            merged.update(self.load(shard, map_location, pickle_module, weights_only=weights_only, select=wanted,
+                                    **pickle_load_args))
+        result = {name: merged[name] for name in names}
+        return result[names[0]] if tensor_name is not None else result
 
     def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
         """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""
@@ -211,7 +228,11 @@ class Client:
     # --- cache administration -------------------------------------------------------
 
     def prefetch(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Make a checkpoint resident in the daemon with no client attached."""
+        """Make a checkpoint resident in the daemon with no client attached (every shard of
+        a ``*.index.json``, summed into one answer)."""
+        if is_sharded_index(os.fspath(path)):
+            _, plan = sharded_plan(os.fspath(path), None, None, None)
+            return _summed(os.path.abspath(os.fspath(path)), [self.prefetch(shard) for shard in plan])
         return dict(self._request("POST", "/v1/prefetch", json={"path": os.path.abspath(os.fspath(path))}))
 
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -385,6 +406,22 @@ class _SessionWatch:
             http.close()
         if thread is not None:
             thread.join(timeout=10)
+
+
+def _summed(path: str, infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """One checkpoint info for the shards of a sharded checkpoint."""
+    resident: dict[str, int] = {}
+    for info in infos:
+        for device, nbytes in info.get("resident_bytes", {}).items():
+            resident[device] = resident.get(device, 0) + nbytes
+    return {
+        "id": ",".join(str(info.get("id")) for info in infos),
+        "path": path,
+        "resident_bytes": resident,
+        "storages_resident": sum(info.get("storages_resident", 0) for info in infos),
+        "storages_total": sum(info.get("storages_total", 0) for info in infos),
+        "shards": infos,
+    }
 
 
 def receive_fd(url: str, lease: str, arena: str) -> int:

@@ -293,8 +293,22 @@ def _torchscript_via_load(f: FileLike, source: Source, map_location: MapLocation
     return jit_load_source(f, source, map_location, None)
 
 
-def _load_sharded(path: str, request: Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
-    """A Hugging Face sharded checkpoint, loaded shard by shard into one state dict."""
+def sharded_plan(
+    path: str, tensor_name: str | None, prefix: str | None, select: Select
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Which names a sharded load returns (in index order) and which shard holds each.
+
+    >>> import json, pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for shard in ("a.pt", "b.pt"): (folder / shard).write_bytes(b"")
+    0
+    0
+    >>> index = folder / "m.bin.index.json"
+    >>> _ = index.write_text(json.dumps({"weight_map": {"x": "a.pt", "y": "b.pt", "z": "a.pt"}}))
+    >>> names, shards = sharded_plan(str(index), None, None, ["x", "y"])
+    >>> names, [os.path.basename(s) for s in shards]
+    (['x', 'y'], ['a.pt', 'b.pt'])
+    """
     index = read_sharded_index(path)
     names = list(index.weight_map)
     entries = {name: _shard_entry(name) for name in names}
@@ -303,12 +317,17 @@ def _load_sharded(path: str, request: Request, tensor_name: str | None, prefix: 
     elif select is not None:
         names = [entry.name for entry in select_entries(entries, select, prefix, index.name)]
     shard_of = {name: os.path.join(index.directory, index.weight_map[name]) for name in names}
+    plan = {shard: [name for name in names if shard_of[name] == shard] for shard in index.shards}
+    return names, {shard: wanted for shard, wanted in plan.items() if wanted}
+
+
+def _load_sharded(path: str, request: Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
+    """A Hugging Face sharded checkpoint, loaded shard by shard into one state dict."""
+    names, plan = sharded_plan(path, tensor_name, prefix, select)
     merged: dict[str, Any] = {}
-    for shard in index.shards:
-        wanted = [name for name in names if shard_of[name] == shard]
-        if wanted:
-            with open_source(shard) as source:
-                merged.update(_load_layout(source, read_layout(source), request, None, None, wanted))
+    for shard, wanted in plan.items():
+        with open_source(shard) as source:
+            merged.update(_load_layout(source, read_layout(source), request, None, None, wanted))
     result = {name: merged[name] for name in names}
     return result[names[0]] if tensor_name is not None else result
 

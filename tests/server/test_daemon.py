@@ -408,3 +408,31 @@ def test_cli_health(daemon: Daemon, tmp_path: Path) -> None:
     finally:
         shutil.rmtree(sock, ignore_errors=True)
     assert down.returncode == 1 and "no ckptd daemon answers" in down.stderr
+
+
+def test_sharded_checkpoint_through_the_daemon(daemon: Daemon, client: ckptd.Client) -> None:
+    """A Hugging Face index: each shard served (and cached) on its own, merged in index order."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    state = {f"layers.{i}.w": torch.randn(16, 8, generator=g) for i in range(4)} | {"head.b": torch.randn(8, generator=g)}
+    folder = daemon.root / "sharded"
+    folder.mkdir()
+    save_file({k: state[k] for k in ("layers.0.w", "layers.1.w")}, folder / "model-00001.safetensors")
+    torch.save({k: state[k] for k in ("layers.2.w", "layers.3.w", "head.b")}, folder / "model-00002.bin")
+    weight_map = {k: "model-00001.safetensors" if k in ("layers.0.w", "layers.1.w") else "model-00002.bin" for k in state}
+    index = folder / "model.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    loaded = client.load(index)
+    assert list(loaded) == list(weight_map)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    cached = {os.path.basename(c["path"]) for c in client.checkpoints()}
+    assert {"model-00001.safetensors", "model-00002.bin"} <= cached  # each shard is its own entry
+    part = client.load(index, select="layers.")
+    assert list(part) == [f"layers.{i}.w" for i in range(4)]
+    assert torch.equal(client.load(index, tensor_name="model.head.b", prefix="model"), state["head.b"])
+    with pytest.raises(ckptd.TensorNotFoundError):
+        client.load(index, tensor_name="nope")
+    info = client.prefetch(index)
+    assert len(info["shards"]) == 2 and info["storages_resident"] == info["storages_total"] == 5
