@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import _weights_only_unpickler
 
+_torch_serialization_config: Any
 try:  # torch's load config (2.5+); imported here, not per call: a worker's first attach is timed in ms
     from torch.utils.serialization import config as _torch_serialization_config
 except ImportError:

@@ -54,7 +54,7 @@ def meta_parameters() -> Iterator[None]:
             assert placed is not None
             module._parameters[name] = type(placed)(placed.to("meta"), requires_grad=placed.requires_grad)
 
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:

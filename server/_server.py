@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 OnReady = Callable[[list[str]], None]
 BACKLOG = 2048
-GRACEFUL_SHUTDOWN_S = 10.0
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def device_tier(settings: Settings) -> DeviceTier | None:
