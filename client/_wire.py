@@ -59,7 +59,7 @@ def error_from(status: int, body: Any) -> errors.CkptdError:
     if cls is None:
         return errors.DaemonError(f"daemon answered HTTP {status}: {message}")
     if issubclass(cls, errors.CheckpointError):
-        exc: errors.CheckpointError = Exception.__new__(cls)  # its own __init__ wants (name, problem)
+        exc: errors.CheckpointError = cls.__new__(cls)  # type: ignore[call-overload]  # __init__ wants (name, problem)
         Exception.__init__(exc, message)
         exc.name, exc.problem = "", str(message)
         return exc
