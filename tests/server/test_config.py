@@ -321,3 +321,35 @@ def test_default_socket_is_checked_too(root: Path, clean_env: pytest.MonkeyPatch
     clean_env.setenv("XDG_RUNTIME_DIR", "/tmp/" + "x" * 110)
     with pytest.raises(UsageError, match="under 108 bytes"):
         load_settings(roots=[root], shm_dir=root)
+
+
+# --- GPUs -------------------------------------------------------------------------------
+
+
+def test_gpu_settings_from_env_and_flags(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("CKPTD_DEVICES", "simulated")
+    clean_env.setenv("CKPTD_SIMULATED_GPUS", "2")
+    clean_env.setenv("CKPTD_GPU_BUDGET", "cuda:1=1GiB")
+    settings = _settings(root, gpu_sharing="vmm", host_tier_budget="2GiB")
+    assert (settings.devices, settings.simulated_gpus, settings.gpu_sharing) == ("simulated", 2, "vmm")
+    assert settings.gpu_budget == {"cuda:1": 1 << 30} and settings.host_tier_budget == 2 << 30
+    assert _settings(root).devices == "simulated" and _settings(root, devices="none").devices == "none"
+
+
+def test_simulated_devices_need_a_count(root: Path) -> None:
+    with pytest.raises(UsageError, match="simulated_gpus > 0"):
+        _settings(root, devices="simulated")
+    with pytest.raises(UsageError, match="gpu_sharing"):
+        _settings(root, gpu_sharing="nvlink")
+
+
+def test_gpu_tier_from_settings(root: Path) -> None:
+    from ckptd.server._server import device_tier
+
+    assert device_tier(_settings(root, devices="none")) is None
+    tier = device_tier(_settings(root, devices="simulated", simulated_gpus=2, gpu_budget="cuda:1=1GiB"))
+    assert tier is not None
+    uuids = [d.uuid for d in tier.devices.visible()]
+    assert tier.budgets[uuids[1]] == 1 << 30 and tier.budgets[uuids[0]] == int(16 * (1 << 30) * 0.9)
+    with pytest.raises(UsageError, match=r"gpu_budget names \['cuda:5'\]"):
+        device_tier(_settings(root, devices="simulated", simulated_gpus=2, gpu_budget="cuda:5=1GiB"))
