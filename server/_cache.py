@@ -87,6 +87,8 @@ class CacheMetrics(Protocol):
     def set_resident(self, device: str, nbytes: int) -> None: ...
     def set_leases(self, n: int) -> None: ...
     def set_budget(self, device: str, nbytes: int) -> None: ...
+    def set_sessions(self, n: int) -> None: ...
+    def gpu_evicted(self, n: int = 1) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class Cache:
         self._lock = threading.RLock()
         self._tier = tier
         self._sessions: dict[str, int] = {}  # session id -> open connections
+        self._gpu_evictions_reported = 0
         if metrics:
             metrics.set_budget("cpu", self._budget)
             for uuid, budget in (tier.budgets if tier else {}).items():
@@ -255,6 +258,7 @@ class Cache:
         """A client opened its session connection (counted in :meth:`stats`)."""
         with self._lock:
             self._sessions[session] = self._sessions.get(session, 0) + 1
+        self._report()
 
     def end_session(self, session: str) -> int:
         """A client's session connection dropped (its process died): release its leases now."""
@@ -266,8 +270,7 @@ class Cache:
         for lease in ended:
             logger.info("lease %s on %s released: its client's connection closed", lease.id, lease.checkpoint)
             self._forget_if_stale(lease.checkpoint)
-        if ended:
-            self._report()
+        self._report()
         return len(ended)
 
     def reap(self) -> int:
@@ -558,8 +561,14 @@ class Cache:
             with self._lock:
                 resident = self._resident()
             self._metrics.set_resident("cpu", resident)
-            for uuid, nbytes in (self._tier.resident() if self._tier else {}).items():
-                self._metrics.set_resident(uuid, nbytes)
+            self._metrics.set_sessions(len(self._sessions))
+            if self._tier:
+                for uuid, nbytes in self._tier.resident().items():
+                    self._metrics.set_resident(uuid, nbytes)
+                self._metrics.set_resident("host-tier", self._tier.tier_bytes())
+                if self._tier.evictions > self._gpu_evictions_reported:
+                    self._metrics.gpu_evicted(self._tier.evictions - self._gpu_evictions_reported)
+                    self._gpu_evictions_reported = self._tier.evictions
             self._metrics.set_leases(self.leases.total())
 
 

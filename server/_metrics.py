@@ -42,6 +42,10 @@ class Metrics:
         self._resident = Gauge("ckptd_resident_bytes", "Bytes resident per device.", ["device"], registry=self.registry)
         self._leases = Gauge("ckptd_active_leases", "Leases currently held by clients.", registry=self.registry)
         self._budget = Gauge("ckptd_budget_bytes", "Memory budget per device.", ["device"], registry=self.registry)
+        self._sessions = Gauge("ckptd_active_sessions", "Client session connections open.", registry=self.registry)
+        self._gpu_evictions = Counter(
+            "ckptd_gpu_evictions", "GPU arenas moved to the host tier (or freed) under a GPU budget.", registry=self.registry
+        )
 
     def read(self, nbytes: int) -> None:
         """Count ``nbytes`` read from disk."""
@@ -74,6 +78,14 @@ class Metrics:
     def set_budget(self, device: str, nbytes: int) -> None:
         """Set the memory budget of ``device``."""
         self._budget.labels(device=device).set(nbytes)
+
+    def set_sessions(self, n: int) -> None:
+        """Set the number of open client session connections."""
+        self._sessions.set(n)
+
+    def gpu_evicted(self, n: int = 1) -> None:
+        """Count GPU arenas moved out under a GPU budget."""
+        self._gpu_evictions.inc(n)
 
     def render(self) -> bytes:
         """Every metric in the Prometheus text exposition format."""

@@ -19,21 +19,21 @@ from ckptd._manifest import Manifest
 from ckptd.gpu import SimulatedDevices
 from ckptd.server._cache import Cache
 from ckptd.server._devtier import DeviceTier
+from ckptd.server._metrics import Metrics
 
 KB = 1 << 10
 
 
-class Reads:
-    """Metrics that count the bytes the cache read from checkpoint files."""
+class Reads(Metrics):
+    """The daemon's metrics, also counting the bytes the cache read from checkpoint files."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.bytes = 0
 
     def read(self, nbytes: int) -> None:
+        super().read(nbytes)
         self.bytes += nbytes
-
-    def __getattr__(self, name: str):  # every other metric: ignored
-        return lambda *args, **kwargs: None
 
 
 @pytest.fixture
@@ -165,6 +165,9 @@ def test_gpu_budget_moves_unleased_arenas_to_the_host_tier_and_back(tmp_path: Pa
     _expect(second, b, gpus, gpus.uuid_of(0))
     assert gpus.moved["d2h"] >= _nbytes(a) and cache.stats()["host_tier_bytes"] >= _nbytes(a)
     assert cache.stats()["gpu_evictions"] == 1
+    exposition = reads.render().decode()
+    assert "ckptd_gpu_evictions_total 1.0" in exposition
+    assert f'ckptd_resident_bytes{{device="host-tier"}} {float(cache.stats()["host_tier_bytes"])}' in exposition
     cache.release(second.lease)
     read_before, h2d_before = reads.bytes, gpus.moved["h2d"]
     again = cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table())  # promoted back
