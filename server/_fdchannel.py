@@ -62,11 +62,15 @@ class FdServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return  # closed
-            with conn:
-                try:
-                    self._answer(conn)
-                except OSError as exc:
-                    logger.debug("descriptor request failed: %s", exc)
+            # One thread per request: a client that connects and says nothing stalls only itself.
+            threading.Thread(target=self._answer_and_close, args=(conn,), name="ckptd-fd-request", daemon=True).start()
+
+    def _answer_and_close(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._answer(conn)
+            except OSError as exc:
+                logger.debug("descriptor request failed: %s", exc)
 
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT_S)
