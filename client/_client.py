@@ -30,7 +30,7 @@ from ckptd.formats import FileLike, Format, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
 from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
-from ._load import keys_of, make_request, rebuild, sharded_plan, wanted_entries
+from ._load import keys_of, load_shards, make_request, rebuild, sharded_plan, wanted_entries
 from ._manifest import ArenaInfo, Manifest
 from ._placement import MapLocation, restore, target_tag
 from ._select import Select
@@ -128,13 +128,11 @@ class Client:
     ) -> Any:
         """A Hugging Face sharded checkpoint: each shard through the daemon (cached on its own),
         merged into one state dict in the index's order."""
-        names, plan = sharded_plan(path, tensor_name, prefix, select)
-        merged: dict[str, Any] = {}
-        for shard, wanted in plan.items():
-            merged.update(self.load(shard, map_location, pickle_module, weights_only=weights_only, select=wanted,
-                                    **pickle_load_args))
-        result = {name: merged[name] for name in names}
-        return result[names[0]] if tensor_name is not None else result
+
+        def load_shard(shard: str, wanted: list[str]) -> Any:
+            return self.load(shard, map_location, pickle_module, weights_only=weights_only, select=wanted, **pickle_load_args)
+
+        return load_shards(path, tensor_name, prefix, select, load_shard)
 
     def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
         """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""

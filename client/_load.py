@@ -322,15 +322,29 @@ def sharded_plan(
     return names, {shard: wanted for shard, wanted in plan.items() if wanted}
 
 
-def _load_sharded(path: str, request: Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
-    """A Hugging Face sharded checkpoint, loaded shard by shard into one state dict."""
+def load_shards(
+    path: str, tensor_name: str | None, prefix: str | None, select: Select,
+    load_shard: Callable[[str, list[str]], Mapping[str, Any]],
+) -> Any:
+    """A Hugging Face sharded checkpoint, ``load_shard(shard, names)`` per shard, merged into
+    one state dict in the index's order (or the one tensor ``tensor_name`` names)."""
     names, plan = sharded_plan(path, tensor_name, prefix, select)
     merged: dict[str, Any] = {}
     for shard, wanted in plan.items():
-        with open_source(shard) as source:
-            merged.update(_load_layout(source, read_layout(source), request, None, None, wanted))
+        merged.update(load_shard(shard, wanted))
     result = {name: merged[name] for name in names}
     return result[names[0]] if tensor_name is not None else result
+
+
+def _load_sharded(path: str, request: Request, tensor_name: str | None, prefix: str | None, select: Select) -> Any:
+    """A Hugging Face sharded checkpoint, loaded shard by shard in this process."""
+
+    def load_shard(shard: str, wanted: list[str]) -> Mapping[str, Any]:
+        with open_source(shard) as source:
+            loaded: Mapping[str, Any] = _load_layout(source, read_layout(source), request, None, None, wanted)
+            return loaded
+
+    return load_shards(path, tensor_name, prefix, select, load_shard)
 
 
 def _shard_entry(name: str) -> TensorEntry:

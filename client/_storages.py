@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ckptd.formats import Layout, Source, StorageRecord
-from ckptd.gpu import Arena, Copy, align, allocate, fill
+from ckptd.gpu import Arena, Copy, allocate, fill, pack
 
 from ._placement import MapLocation, apply_callable, device_for_tag, restore, target_tag
 
@@ -127,7 +127,7 @@ def read_storages(
         jobs: list[tuple[Arena, list[Copy]]] = []
     else:
         groups = _group_by_device(records, map_location, swap)
-        jobs = [_place_group(allocator(device, _span(group)), group, result) for device, group in groups.items()]
+        jobs = [_place_group(allocator, device, group, result) for device, group in groups.items()]
     swapped = [r for r in records if swap and r.key in result.views and result.views[r.key].device.type == "cpu"]
 
     def finish() -> None:
@@ -164,25 +164,12 @@ def _group_by_device(
     return groups
 
 
-def _offsets(records: list[StorageRecord]) -> list[int]:
-    """Each storage's offset in its arena: in order, each at a 64-byte boundary."""
-    offsets: list[int] = []
-    total = 0
-    for record in records:
-        total = align(total)
-        offsets.append(total)
-        total += record.nbytes
-    return offsets
-
-
-def _span(records: list[StorageRecord]) -> int:
-    """Bytes an arena needs for ``records`` laid out by :func:`_offsets`."""
-    return _offsets(records)[-1] + records[-1].nbytes if records else 0
-
-
-def _place_group(arena: Arena, records: list[StorageRecord], result: StorageSet) -> tuple[Arena, list[Copy]]:
-    """Hand out each storage's view of the arena; return what to copy where."""
-    offsets = _offsets(records)
+def _place_group(
+    allocator: Callable[[torch.device, int], Arena], device: torch.device, records: list[StorageRecord], result: StorageSet
+) -> tuple[Arena, list[Copy]]:
+    """Lay ``records`` out in one new arena, hand out each storage's view; return what to copy where."""
+    offsets, span = pack(r.nbytes for r in records)
+    arena = allocator(device, span)
     result.arenas.append(arena)
     for record, offset in zip(records, offsets):
         result.views[record.key] = arena.view(offset, record.nbytes)

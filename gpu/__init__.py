@@ -18,7 +18,7 @@ b'xyz'
 
 from __future__ import annotations
 
-from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, shm_arena
+from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, pack, shm_arena
 from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, StagingPool, local_devices
 from ._errors import DeviceError
 from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
@@ -44,5 +44,6 @@ __all__ = [
     "fill_device",
     "local_devices",
     "map_arena",
+    "pack",
     "shm_arena",
 ]

@@ -14,6 +14,7 @@ import ctypes
 import mmap
 import os
 import secrets
+from collections.abc import Iterable
 from types import TracebackType
 
 import torch
@@ -28,6 +29,30 @@ def align(offset: int, alignment: int = ALIGNMENT) -> int:
     128
     """
     return (offset + alignment - 1) // alignment * alignment
+
+
+def pack(sizes: Iterable[int]) -> tuple[list[int], int]:
+    """Offsets of blocks of ``sizes`` laid out in order, each at an aligned offset, and the
+    bytes the whole layout spans: how storages sit in an arena.
+
+    >>> pack([10, 3, 100])
+    ([0, 64, 128], 228)
+    """
+    offsets: list[int] = []
+    total = 0
+    for size in sizes:
+        total = align(total)
+        offsets.append(total)
+        total += size
+    return offsets, total
+
+
+def host_view(address: int, nbytes: int) -> memoryview:
+    """``nbytes`` of host memory at ``address`` as a writable byte view, without a copy
+    (valid while whatever owns the memory lives)."""
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
 class Arena:
@@ -63,9 +88,7 @@ class Arena:
             raise ValueError(f"an arena on {self.device} has no host bytes")
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise ValueError(f"bytes [{offset}, {offset + nbytes}) outside arena of {self.nbytes} bytes")
-        if nbytes == 0:
-            return memoryview(b"")
-        return memoryview((ctypes.c_char * nbytes).from_address(self.storage.data_ptr() + offset)).cast("B")
+        return host_view(self.storage.data_ptr() + offset, nbytes)
 
     @property
     def host(self) -> memoryview | None:

@@ -21,7 +21,7 @@ import torch
 
 from ckptd.formats import FileSource, Source
 
-from ._arena import Arena
+from ._arena import Arena, host_view
 
 if TYPE_CHECKING:
     from ._devices import DeviceBuffer, StagingPool
@@ -167,7 +167,7 @@ def _staged_step(arena: Arena, chunk_bytes: int) -> Callable[[Source, Copy], Non
         if staging is None:
             staging = local.staging = _staging_tensor(chunk_bytes, pinned=cuda)
             local.stream = torch.cuda.Stream(arena.device) if cuda else None
-        source.readinto(_writable(staging, copy.nbytes), copy.file_offset)
+        source.readinto(host_view(staging.data_ptr(), copy.nbytes), copy.file_offset)
         destination = target[copy.arena_offset : copy.arena_offset + copy.nbytes]
         if local.stream is None:
             destination.copy_(staging[: copy.nbytes])
@@ -186,13 +186,6 @@ def _staging_tensor(nbytes: int, *, pinned: bool) -> torch.Tensor:
         except RuntimeError as exc:
             logger.warning("pinning a %d-byte staging buffer failed (%s); staging through pageable memory", nbytes, exc)
     return torch.empty(nbytes, dtype=torch.uint8)
-
-
-def _writable(tensor: torch.Tensor, nbytes: int) -> memoryview:
-    """The first ``nbytes`` of a CPU uint8 tensor as a writable buffer (no numpy needed)."""
-    import ctypes
-
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def fill_device(

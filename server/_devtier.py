@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ckptd._exceptions import OverBudgetError, UsageError
 from ckptd._manifest import ArenaInfo, Placement
 from ckptd.formats import Layout
-from ckptd.gpu import Copy, DeviceBuffer, Devices, align
+from ckptd.gpu import Copy, DeviceBuffer, Devices, pack
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class DeviceTier:
             arena.last_used = time.time()
         if not missing:
             return 0, 0
-        offsets, total = _layout_offsets([layout.storages[k].nbytes for k in missing])
+        offsets, total = pack(layout.storages[k].nbytes for k in missing)
         self._reserve(uuid, total, entry_id, evictable)
         try:
             buffer = self.devices.allocate(uuid, total)
@@ -295,13 +295,3 @@ def _write(buffer: DeviceBuffer, offset: int, host: memoryview) -> None:
         pinned(offset, host, len(host))
     else:
         buffer.write(offset, host)
-
-
-def _layout_offsets(sizes: list[int]) -> tuple[list[int], int]:
-    """Aligned offsets for storages of ``sizes`` laid out in order, and the total span."""
-    offsets, total = [], 0
-    for size in sizes:
-        total = align(total)
-        offsets.append(total)
-        total += size
-    return offsets, total
