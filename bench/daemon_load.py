@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -101,8 +100,9 @@ def torch_load_times(path: Path, repeats: int) -> tuple[list[float], dict[str, f
     return times, sums
 
 
-def start_daemon(root: Path, sock: str, budget: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ckptd", "serve", "--socket", sock, "--root", str(root), "--shm-dir", "/dev/shm", "--host-budget", budget]
+def start_daemon(root: Path, sock: str, *flags: str) -> subprocess.Popen:
+    """``ckptd serve`` on ``sock`` with arenas in /dev/shm (and ``flags``), once it listens."""
+    cmd = [sys.executable, "-m", "ckptd", "serve", "--socket", sock, "--root", str(root), "--shm-dir", "/dev/shm", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     script = work / "client.py"
     script.write_text(CLIENT)
     shm_before = shmem_bytes()
-    daemon = start_daemon(args.dir, sock, "4GiB")
+    daemon = start_daemon(args.dir, sock, "--host-budget", "4GiB")
     url = f"unix://{sock}"
     clients: list[subprocess.Popen] = []
     results: list[dict[str, Any]] = []

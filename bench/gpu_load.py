@@ -47,9 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_load import ensure_checkpoint, evict, machine_info  # noqa: E402
+from daemon_load import start_daemon  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-READY = "ckptd: serving on "
 
 WORKER = textwrap.dedent(
     """
@@ -144,19 +144,6 @@ def in_process_rows(path: Path, st_path: Path, size: int) -> list[dict[str, Any]
 # ---------------------------------------------------------------------------------------
 
 
-def start_daemon(root: Path, sock: str, devices: list[str], gpu_budget: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ckptd", "serve", "--socket", sock, "--root", str(root), "--shm-dir", "/dev/shm", *devices]
-    if gpu_budget is not None:
-        cmd += ["--gpu-budget", f"cuda:0={gpu_budget}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith(READY):
-        proc.kill()
-        raise RuntimeError(f"daemon did not start: {line!r}")
-    return proc
-
-
 def worker(script: Path, url: str, path: Path, map_location: Any, *, hold: bool = False,
            env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict[str, Any]]:
     proc = subprocess.Popen(
@@ -204,7 +191,7 @@ def daemon_rows(path: Path, size: int, simulated: bool, workdir: Path) -> tuple[
     env = {**os.environ, **({"CKPTD_SIMULATED_GPUS": "1"} if simulated else {})}
     remapped = retagged_copy(path, path.with_name(path.stem + "-cuda1.pt"))
     before = gpu_used(simulated)
-    daemon = start_daemon(path.parent, sock, devices, int(size * 1.2))
+    daemon = start_daemon(path.parent, sock, *devices, "--gpu-budget", f"cuda:0={int(size * 1.2)}")
     url = f"unix://{sock}"
     rows: list[dict[str, Any]] = []
     memory: dict[str, Any] = {"before": before}

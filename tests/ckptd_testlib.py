@@ -10,7 +10,9 @@ Contents:
 * :data:`CORPUS` -- named checkpoint builders; each returns an object to ``torch.save``.
 * :func:`save_variant` -- writes an object in one of the save variants (zip, legacy,
   zip without crc32, big-endian zip).
-* :func:`start_daemon` -- a real ``ckptd serve`` subprocess for the daemon tests.
+* :func:`start_daemon` -- a real ``ckptd serve`` subprocess for the daemon tests, with
+  :func:`wait_for`, :func:`report_of` and :func:`cached_entry` to watch it and its clients.
+* :func:`saved_as` -- ``torch.save`` writes a location tag this machine cannot save from (``cuda:1``).
 * :func:`load_both` -- runs ``torch.load`` and ``ckptd.load`` on the same input and arguments,
   recording warnings and exceptions of each.
 """
@@ -18,8 +20,10 @@ Contents:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import pathlib
@@ -29,12 +33,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -831,3 +837,49 @@ def start_daemon(root: Path, shm: Path, *extra: str) -> Iterator[Daemon]:
             proc.wait()
         proc.stdout.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def daemon_in(base: Path, *extra: str) -> Iterator[Daemon]:
+    """:func:`start_daemon` with its checkpoint root and shared-memory dir made under ``base``."""
+    (base / "root").mkdir()
+    (base / "shm").mkdir()
+    yield from start_daemon(base / "root", base / "shm", *extra)
+
+
+def wait_for(condition: Callable[[], Any], what: str = "condition", timeout: float = 10.0) -> Any:
+    """Poll ``condition`` until it is true (returned) or ``timeout`` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def report_of(proc: subprocess.Popen, out: Path, timeout: float = 60.0) -> dict:
+    """The JSON a client process writes to ``out`` (then it blocks on stdin); fails if it exits first."""
+
+    def written() -> bool:
+        if proc.poll() is not None and not out.exists():
+            raise AssertionError(f"client process exited with {proc.returncode} before reporting")
+        return out.exists()
+
+    wait_for(written, "the client's report", timeout)
+    return json.loads(out.read_text())
+
+
+def cached_entry(client: Any, path: Path) -> dict:
+    """The daemon's one entry for ``path`` (``Client.checkpoints()``), symlinks resolved."""
+    matches = [c for c in client.checkpoints() if os.path.realpath(c["path"]) == os.path.realpath(path)]
+    assert len(matches) == 1, client.checkpoints()
+    return matches[0]
+
+
+@contextlib.contextmanager
+def saved_as(tag: str) -> Iterator[None]:
+    """Inside, ``torch.save`` tags every storage ``tag``: a file as if saved from that device."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.serialization, "location_tag", lambda storage: tag)
+        yield

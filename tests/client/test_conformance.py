@@ -30,6 +30,7 @@ from ckptd_testlib import (
     assert_same,
     load_both,
     save_bytes,
+    saved_as,
 )
 
 pytestmark = pytest.mark.usefixtures("ckptd_mod")
@@ -318,9 +319,7 @@ def cuda_tagged(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda_tagged")
     obj = CORPUS["views_and_ties"].build()
     paths = {}
-    with pytest.MonkeyPatch.context() as mp:
-        # torch.save asks serialization.location_tag for each storage's tag at save time.
-        mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+    with saved_as("cuda:1"):  # torch.save asks serialization.location_tag for each storage's tag
         for variant in ("zip", "legacy"):
             p = root / f"cuda1.{variant}.pt"
             p.write_bytes(save_bytes(obj, variant))

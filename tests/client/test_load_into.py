@@ -8,7 +8,6 @@ pages (/proc/self/smaps), and outputs equal the reference model's.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 import ckptd
-from ckptd_testlib import Daemon, start_daemon
+from ckptd_testlib import Daemon, daemon_in, report_of
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -206,10 +205,7 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("daemon")
-    (base / "root").mkdir()
-    (base / "shm").mkdir()
-    yield from start_daemon(base / "root", base / "shm")
+    yield from daemon_in(tmp_path_factory.mktemp("daemon"))
 
 
 def _worker(tmp: Path, daemon: Daemon, path: Path, name: str) -> tuple[subprocess.Popen, Path]:
@@ -218,17 +214,6 @@ def _worker(tmp: Path, daemon: Daemon, path: Path, name: str) -> tuple[subproces
     out = tmp / f"{name}.json"
     argv = [sys.executable, str(script), str(EXAMPLES), daemon.url, str(path), str(daemon.shm), str(out)]
     return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True), out
-
-
-def _report(proc: subprocess.Popen, out: Path) -> dict:
-    # The worker writes its report, then blocks on stdin: wait for the file or its exit.
-    while not out.exists():
-        try:
-            proc.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            continue
-        raise AssertionError(f"worker exited with {proc.returncode} before reporting")
-    return json.loads(out.read_text())
 
 
 def test_two_workers_share_one_copy(daemon: Daemon, tmp_path: Path) -> None:
@@ -246,7 +231,7 @@ def test_two_workers_share_one_copy(daemon: Daemon, tmp_path: Path) -> None:
         for name in ("w1", "w2"):  # sequentially: w2 measures while w1 still maps every page
             proc, out = _worker(tmp_path, daemon, path, name)
             procs.append(proc)
-            reports.append(_report(proc, out))
+            reports.append(report_of(proc, out))
         for report in reports:
             assert report["logits"] == expected_logits and report["checksum"] == expected_sum
             (mapped,) = report["maps"]  # every tensor inside one mapping: the daemon's arena file

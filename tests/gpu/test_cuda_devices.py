@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ckptd
-from ckptd_testlib import Daemon, start_daemon
+from ckptd_testlib import Daemon, daemon_in
 
 pytestmark = pytest.mark.gpu
 
@@ -81,10 +81,7 @@ def test_ipc_handle_opens_in_another_process(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("cudadaemon")
-    (base / "root").mkdir()
-    (base / "shm").mkdir()
-    yield from start_daemon(base / "root", base / "shm", "--devices", "cuda")
+    yield from daemon_in(tmp_path_factory.mktemp("cudadaemon"), "--devices", "cuda")
 
 
 WORKER = textwrap.dedent(
@@ -118,10 +115,7 @@ def test_daemon_serves_gpu_tensors_over_ipc(daemon: Daemon, tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def vmm_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("vmmdaemon")
-    (base / "root").mkdir()
-    (base / "shm").mkdir()
-    yield from start_daemon(base / "root", base / "shm", "--devices", "cuda", "--gpu-sharing", "vmm")
+    yield from daemon_in(tmp_path_factory.mktemp("vmmdaemon"), "--devices", "cuda", "--gpu-sharing", "vmm")
 
 
 WRITER = textwrap.dedent(

@@ -25,16 +25,12 @@ import pytest
 import torch
 
 import ckptd
-from ckptd_testlib import Daemon, assert_same, start_daemon
+from ckptd_testlib import Daemon, assert_same, cached_entry, daemon_in, report_of, start_daemon, wait_for
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One daemon for the module (starting one costs seconds); tests use distinct file names."""
-    base = tmp_path_factory.mktemp("daemon")
-    root, shm = base / "root", base / "shm"
-    root.mkdir()
-    shm.mkdir()
-    yield from start_daemon(root, shm)
+    yield from daemon_in(tmp_path_factory.mktemp("daemon"))
 
 
 @pytest.fixture
@@ -73,23 +69,6 @@ def _checkpoint(root: Path, name: str = "model.pt", obj: object = None) -> Path:
         return path
     torch.save(_state() if obj is None else obj, path)
     return path
-
-
-def _entry(client: ckptd.Client, path: Path) -> dict:
-    matches = [c for c in client.checkpoints() if os.path.realpath(c["path"]) == os.path.realpath(path)]
-    assert len(matches) == 1, client.checkpoints()
-    return matches[0]
-
-
-def _wait_for(cond, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _good_load(client: ckptd.Client, root: Path) -> None:
@@ -184,13 +163,7 @@ class ClientProc:
         self.proc = subprocess.Popen([sys.executable, str(script), url, str(path), str(self.out), mode], stdin=subprocess.PIPE, text=True)
 
     def result(self, timeout: float = 30.0) -> dict:
-        def ready():
-            if self.proc.poll() is not None and not self.out.exists():
-                raise AssertionError(f"client exited with {self.proc.returncode}")
-            return self.out.exists()
-
-        _wait_for(ready, timeout, "client result")
-        return json.loads(self.out.read_text())
+        return report_of(self.proc, self.out, timeout)
 
     def finish(self) -> dict:
         assert self.proc.stdin is not None
@@ -222,14 +195,14 @@ def test_three_client_processes_share_one_arena(daemon: Daemon, client: ckptd.Cl
         assert len(arenas) == 1, arenas  # one arena for the three clients
         on_disk = sum(a.stat().st_size for a in arenas)
         assert nbytes <= on_disk <= nbytes * 1.05 + (1 << 20)
-        entry = _entry(client, path)
+        entry = cached_entry(client, path)
         assert entry["misses"] == 1 and entry["hits"] == 2, entry
         assert entry["leases"] == 3, entry
         assert entry["resident_bytes"]["cpu"] == on_disk
     finally:
         for p in procs:
             p.finish() if p.proc.poll() is None else p.kill()
-    _wait_for(lambda: _entry(client, path)["leases"] == 0, what="leases released on close")
+    wait_for(lambda: cached_entry(client, path)["leases"] == 0, "leases released on close")
 
 
 def test_copy_on_write(daemon: Daemon, client: ckptd.Client, tmp_path: Path) -> None:
@@ -266,12 +239,12 @@ def test_hung_client_loses_its_lease_at_the_ttl(daemon: Daemon, client: ckptd.Cl
     victim = ClientProc(tmp_path, daemon.url, path, "victim")
     try:
         assert victim.result()["equal"]
-        assert _entry(client, path)["leases"] == 1
+        assert cached_entry(client, path)["leases"] == 1
         (arena,) = set(daemon.arenas()) - before
         with pytest.raises(ckptd.CheckpointBusyError):  # busy while the lease holds it
             client.evict(str(path))
         victim.proc.send_signal(signal.SIGSTOP)
-        _wait_for(lambda: _entry(client, path)["leases"] == 0, 10.0, "lease expiry")
+        wait_for(lambda: cached_entry(client, path)["leases"] == 0, "lease expiry")
         info = client.evict(str(path))
     finally:
         victim.kill()
@@ -284,25 +257,22 @@ def test_hung_client_loses_its_lease_at_the_ttl(daemon: Daemon, client: ckptd.Cl
 
 def test_killed_client_loses_its_lease_when_its_connection_drops(tmp_path: Path) -> None:
     """With a TTL of 5 minutes, SIGKILL still frees the lease at once: the session connection tells."""
-    root, shm = tmp_path / "root", tmp_path / "shm"
-    root.mkdir()
-    shm.mkdir()
-    gen = start_daemon(root, shm, "--lease-ttl", "300")
+    gen = daemon_in(tmp_path, "--lease-ttl", "300")
     slow = next(gen)
     try:
-        path = _checkpoint(root, "killed.pt")
+        path = _checkpoint(slow.root, "killed.pt")
         with ckptd.Client(slow.url) as admin:
             victim = ClientProc(tmp_path, slow.url, path, "killed")
             try:
                 assert victim.result()["equal"]
-                assert _entry(admin, path)["leases"] == 1
-                _wait_for(lambda: admin.stats()["sessions"] == 1, 10.0, "the client's session connection")
+                assert cached_entry(admin, path)["leases"] == 1
+                wait_for(lambda: admin.stats()["sessions"] == 1, "the client's session connection")
                 victim.proc.send_signal(signal.SIGKILL)
                 victim.proc.wait()
             finally:
                 victim.kill()
             started = time.monotonic()
-            _wait_for(lambda: _entry(admin, path)["leases"] == 0, 10.0, "the session's leases to end")
+            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the session's leases to end")
             assert time.monotonic() - started < 10  # nowhere near the 300 s TTL
             admin.evict(str(path))
     finally:
@@ -325,7 +295,7 @@ def test_replaced_file_is_reloaded(daemon: Daemon, client: ckptd.Client) -> None
     assert current["misses"] == 1  # the new file was read once
     del old  # the last tensor of the old load goes: its lease is released, the retired copy dropped
     gc.collect()
-    _wait_for(lambda: [c["id"] for c in client.checkpoints() if c["path"] == current["path"]] == [current["id"]])
+    wait_for(lambda: [c["id"] for c in client.checkpoints() if c["path"] == current["path"]] == [current["id"]])
 
 
 # --------------------------------------------------------------------------- errors

@@ -8,14 +8,12 @@ client started with ``CUDA_VISIBLE_DEVICES=1`` must land on the daemon's GPU 1.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 
 import ckptd
 from ckptd.gpu import SimulatedDevices
-from ckptd_testlib import Daemon, start_daemon
+from ckptd_testlib import Daemon, cached_entry, daemon_in, report_of, saved_as, wait_for
 
 WORKER = textwrap.dedent(
     """
@@ -43,10 +41,7 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("gpudaemon")
-    (base / "root").mkdir()
-    (base / "shm").mkdir()
-    yield from start_daemon(base / "root", base / "shm", "--devices", "simulated", "--simulated-gpus", "2")
+    yield from daemon_in(tmp_path_factory.mktemp("gpudaemon"), "--devices", "simulated", "--simulated-gpus", "2")
 
 
 @pytest.fixture
@@ -63,19 +58,6 @@ def _gpu_files(daemon: Daemon) -> list[Path]:
     return sorted(daemon.shm.glob("ckptd-gpu*"))
 
 
-def _entry(client: ckptd.Client, path: Path) -> dict:
-    (entry,) = [c for c in client.checkpoints() if c["path"] == str(path)]
-    return entry
-
-
-def _until(condition, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _worker(tmp: Path, daemon: Daemon, path: Path, visible: str) -> tuple[subprocess.Popen, Path]:
     script = tmp / "gpu_worker.py"
     script.write_text(WORKER)
@@ -85,23 +67,13 @@ def _worker(tmp: Path, daemon: Daemon, path: Path, visible: str) -> tuple[subpro
     return proc, out
 
 
-def _report(proc: subprocess.Popen, out: Path) -> dict:
-    while not out.exists():
-        try:
-            proc.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            continue
-        raise AssertionError(f"worker exited with {proc.returncode} before reporting")
-    return json.loads(out.read_text())
-
-
 def test_worker_cuda0_is_the_gpu_it_sees(daemon: Daemon, gpus: SimulatedDevices, tmp_path: Path) -> None:
     state = _state(1)
     path = daemon.root / "visible.pt"
     torch.save(state, path)
     proc, out = _worker(tmp_path, daemon, path, visible="1")
     try:
-        report = _report(proc, out)
+        report = report_of(proc, out)
     finally:
         proc.communicate("\n", timeout=30)
     assert report["sums"] == {k: float(v.double().sum()) for k, v in state.items()}
@@ -110,12 +82,10 @@ def test_worker_cuda0_is_the_gpu_it_sees(daemon: Daemon, gpus: SimulatedDevices,
     assert gpus.uuid_of(0) not in entry["resident_bytes"] and entry["resident_bytes"]["cpu"] == 0
 
 
-def test_remap_and_share_one_gpu_arena_then_release(daemon: Daemon, gpus: SimulatedDevices, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remap_and_share_one_gpu_arena_then_release(daemon: Daemon, gpus: SimulatedDevices, tmp_path: Path) -> None:
     state = _state(2)
     path = daemon.root / "on_cuda1.pt"
-    with monkeypatch.context() as mp:  # a file as if saved from cuda:1
-        mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+    with saved_as("cuda:1"):
         torch.save(state, path)
     before = set(_gpu_files(daemon))
     with ckptd.Client(daemon.url, devices=gpus) as client:
@@ -124,18 +94,18 @@ def test_remap_and_share_one_gpu_arena_then_release(daemon: Daemon, gpus: Simula
             assert torch.equal(mine[name], tensor) and mine[name].dtype == tensor.dtype
         new = set(_gpu_files(daemon)) - before
         assert len(new) == 1  # one arena on one GPU for the whole checkpoint
-        assert _entry(client, path)["resident_bytes"][gpus.uuid_of(0)] > 0
+        assert cached_entry(client, path)["resident_bytes"][gpus.uuid_of(0)] > 0
         proc, out = _worker(tmp_path, daemon, path, visible="0")  # another process, same GPU: same arena
         try:
-            _report(proc, out)
+            report_of(proc, out)
             assert set(_gpu_files(daemon)) - before == new
-            assert _entry(client, path)["leases"] == 2
+            assert cached_entry(client, path)["leases"] == 2
         finally:
             proc.communicate("\n", timeout=30)
-        _until(lambda: _entry(client, path)["leases"] == 1, "the worker's lease released at its close")
+        wait_for(lambda: cached_entry(client, path)["leases"] == 1, "the worker's lease released at its close", timeout=15.0)
         del mine
         gc.collect()  # the last tensor gone: the handle closes and the lease goes
-        _until(lambda: _entry(client, path)["leases"] == 0, "the lease released when the tensors died")
+        wait_for(lambda: cached_entry(client, path)["leases"] == 0, "the lease released when the tensors died", timeout=15.0)
         client.evict(str(path))
     assert set(_gpu_files(daemon)) == before  # the GPU memory is freed
 
@@ -144,15 +114,15 @@ def test_killed_worker_loses_its_gpu_lease(daemon: Daemon, gpus: SimulatedDevice
     path = daemon.root / "killed.pt"
     torch.save(_state(3), path)
     proc, out = _worker(tmp_path, daemon, path, visible="0,1")
-    _report(proc, out)
+    report_of(proc, out)
     with ckptd.Client(daemon.url) as client:
-        assert _entry(client, path)["leases"] == 1
-        _until(lambda: client.stats()["sessions"] >= 1, "the worker's session connection")
+        assert cached_entry(client, path)["leases"] == 1
+        wait_for(lambda: client.stats()["sessions"] >= 1, "the worker's session connection", timeout=15.0)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.stdin is not None
         proc.stdin.close()
-        _until(lambda: _entry(client, path)["leases"] == 0, "the killed worker's lease to end")
+        wait_for(lambda: cached_entry(client, path)["leases"] == 0, "the killed worker's lease to end", timeout=15.0)
         client.evict(str(path))
         assert client.stats()["gpu_sharing"].startswith("simulated")
 
@@ -174,11 +144,8 @@ WRITER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ro_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("rodaemon")
-    (base / "root").mkdir()
-    (base / "shm").mkdir()
-    yield from start_daemon(base / "root", base / "shm", "--devices", "simulated", "--simulated-gpus", "2",
-                            "--gpu-sharing", "vmm")
+    yield from daemon_in(tmp_path_factory.mktemp("rodaemon"), "--devices", "simulated", "--simulated-gpus", "2",
+                         "--gpu-sharing", "vmm")
 
 
 def test_read_only_mapping_from_a_passed_descriptor(ro_daemon: Daemon, tmp_path: Path) -> None:

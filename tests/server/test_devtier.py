@@ -8,7 +8,6 @@ or a promotion from the host tier.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from ckptd.gpu import SimulatedDevices
 from ckptd.server._cache import Cache
 from ckptd.server._devtier import DeviceTier
 from ckptd.server._metrics import Metrics
+from ckptd_testlib import saved_as
 
 KB = 1 << 10
 
@@ -54,6 +54,18 @@ def _cache(root: Path, gpus: SimulatedDevices, *, gpu_budget: int = 1 << 30, tie
 def _state(seed: int = 0, n: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {f"w{i}": torch.randn(16 * KB // 4, generator=g) for i in range(n)} | {"b": torch.arange(7)}
+
+
+Two = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Two:
+    """Two checkpoints of the same size, saved as a.pt and b.pt."""
+    a, b = _state(1), _state(2)
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    return a, b
 
 
 def _nbytes(state: dict[str, torch.Tensor]) -> int:
@@ -112,10 +124,9 @@ def test_client_ordinals_are_translated_by_uuid(tmp_path: Path, gpus: SimulatedD
         cache.load(str(tmp_path / "m.pt"), map_location="cuda:0", devices={"cuda:0": "GPU-not-here"})
 
 
-def test_saved_on_cuda1_remapped_to_cuda0(tmp_path: Path, gpus: SimulatedDevices, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_saved_on_cuda1_remapped_to_cuda0(tmp_path: Path, gpus: SimulatedDevices) -> None:
     state = _state()
-    with monkeypatch.context() as mp:  # a file as if saved from cuda:1 (this machine has no GPU to save from)
-        mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+    with saved_as("cuda:1"):  # this machine has no GPU to save from
         torch.save(state, tmp_path / "m.pt")
     cache, _ = _cache(tmp_path, gpus)
     manifest = cache.load(str(tmp_path / "m.pt"), map_location={"cuda:1": "cuda:0"}, devices=gpus.table())
@@ -154,10 +165,8 @@ def test_host_resident_storages_are_copied_up_not_reread(tmp_path: Path, gpus: S
     assert reads.bytes == _nbytes(state)  # the file was read once, for the host copy
 
 
-def test_gpu_budget_moves_unleased_arenas_to_the_host_tier_and_back(tmp_path: Path, gpus: SimulatedDevices) -> None:
-    a, b = _state(1), _state(2)
-    torch.save(a, tmp_path / "a.pt")
-    torch.save(b, tmp_path / "b.pt")
+def test_gpu_budget_moves_unleased_arenas_to_the_host_tier_and_back(tmp_path: Path, gpus: SimulatedDevices, two: Two) -> None:
+    a, b = two
     cache, reads = _cache(tmp_path, gpus, gpu_budget=_nbytes(a) + 1024)
     first = cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table())
     cache.release(first.lease)
@@ -176,10 +185,8 @@ def test_gpu_budget_moves_unleased_arenas_to_the_host_tier_and_back(tmp_path: Pa
     assert gpus.moved["h2d"] - h2d_before == _nbytes(a)
 
 
-def test_leased_gpu_arenas_are_never_moved(tmp_path: Path, gpus: SimulatedDevices) -> None:
-    a, b = _state(1), _state(2)
-    torch.save(a, tmp_path / "a.pt")
-    torch.save(b, tmp_path / "b.pt")
+def test_leased_gpu_arenas_are_never_moved(tmp_path: Path, gpus: SimulatedDevices, two: Two) -> None:
+    a, b = two
     cache, _ = _cache(tmp_path, gpus, gpu_budget=_nbytes(a) + 1024)
     held = cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table())
     with pytest.raises(ckptd.OverBudgetError, match=f"GPU {gpus.uuid_of(0)}") as info:
@@ -191,10 +198,8 @@ def test_leased_gpu_arenas_are_never_moved(tmp_path: Path, gpus: SimulatedDevice
     _expect(cache.load(str(tmp_path / "b.pt"), map_location="cuda:1", devices=gpus.table()), b, gpus, gpus.uuid_of(1))
 
 
-def test_full_host_tier_frees_instead(tmp_path: Path, gpus: SimulatedDevices) -> None:
-    a, b = _state(1), _state(2)
-    torch.save(a, tmp_path / "a.pt")
-    torch.save(b, tmp_path / "b.pt")
+def test_full_host_tier_frees_instead(tmp_path: Path, gpus: SimulatedDevices, two: Two) -> None:
+    a, b = two
     cache, reads = _cache(tmp_path, gpus, gpu_budget=_nbytes(a) + 1024, tier_budget=0)
     cache.release(cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table()).lease)
     cache.release(cache.load(str(tmp_path / "b.pt"), map_location="cuda:0", devices=gpus.table()).lease)
