@@ -6,66 +6,20 @@ import collections
 import io
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from ckptd.formats import CheckpointError, Format, Layout, open_source, read_layout, sniff
+from ckptd.formats import CheckpointError, Format, open_source, read_layout, sniff
 from ckptd.formats._legacy import MAGIC_NUMBER, PROTOCOL_VERSION
+from ckptd_testlib import assert_layout_matches, file_bytes, layout_of
 
 
 def _save(obj: Any, path: Path) -> Path:
     torch.save(obj, path, _use_new_zipfile_serialization=False)
     return path
-
-
-def _layout(path: Path) -> Layout:
-    with open_source(str(path)) as source:
-        return read_layout(source)
-
-
-def _file_read(path: Path, offset: int, nbytes: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(nbytes)
-
-
-def _storage_bytes(tensor: torch.Tensor) -> bytes:
-    storage = tensor.untyped_storage()
-    return bytes(storage.tolist()) if storage.nbytes() else b""
-
-
-def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from _flatten(value, f"{prefix}.{index}" if prefix else str(index))
-
-
-def _assert_matches_torch(path: Path, layout: Layout, loaded: Any) -> None:
-    expected = dict(_flatten(loaded))
-    got = layout.tensor_map()
-    assert sorted(got) == sorted(expected)
-    assert len(layout.tensors) == len(expected)
-    for name, tensor in expected.items():
-        entry = got[name]
-        assert entry.dtype == tensor.dtype, name
-        assert entry.shape == tuple(tensor.shape), name
-        assert entry.stride == tuple(tensor.stride()), name
-        assert entry.storage_offset == tensor.storage_offset(), name
-        assert entry.location == "cpu", name
-        assert len(entry.storage_keys) == 1, name
-        record = layout.storages[entry.storage_keys[0]]
-        assert record.nbytes == tensor.untyped_storage().nbytes(), name
-        assert record.numel * record.dtype.itemsize == record.nbytes, name
-        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(tensor), name
 
 
 def _sample() -> dict[str, Any]:
@@ -98,9 +52,9 @@ def test_sniffed_as_legacy(tmp_path: Path) -> None:
 
 def test_offsets_names_strides_match_torch_load(tmp_path: Path) -> None:
     path = _save(_sample(), tmp_path / "sample.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     loaded = torch.load(path, weights_only=True)
-    _assert_matches_torch(path, layout, loaded)
+    assert_layout_matches(path, layout, loaded)
     names = {e.name for e in layout.tensors}
     assert {"block.ids", "block.mask", "layers.0", "layers.1.b"} <= names
     entries = layout.tensor_map()
@@ -111,11 +65,11 @@ def test_offsets_names_strides_match_torch_load(tmp_path: Path) -> None:
 
 def test_each_storage_preceded_by_its_element_count(tmp_path: Path) -> None:
     path = _save(_sample(), tmp_path / "sample.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     records = sorted(layout.storages.values(), key=lambda r: r.offset)
     assert records
     for record in records:
-        (numel,) = struct.unpack("<q", _file_read(path, record.offset - 8, 8))
+        (numel,) = struct.unpack("<q", file_bytes(path, record.offset - 8, 8))
         assert numel == record.numel
     # storages run back to back to the end of the file
     for before, after in zip(records, records[1:]):
@@ -133,12 +87,12 @@ def test_each_storage_preceded_by_its_element_count(tmp_path: Path) -> None:
 def test_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     tensor = torch.arange(1, 8).to(dtype).reshape(7, 1)[2:]
     path = _save({"x": tensor, "other": torch.ones(3)}, tmp_path / "dtype.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     entry = layout.tensor_map()["x"]
     assert entry.dtype == dtype
     assert layout.storages[entry.storage_keys[0]].dtype == dtype
     assert entry.storage_offset == 2
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 def test_many_dtypes_in_one_file(tmp_path: Path) -> None:
@@ -147,17 +101,17 @@ def test_many_dtypes_in_one_file(tmp_path: Path) -> None:
         for dtype in (torch.float64, torch.float16, torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64)
     }
     path = _save(obj, tmp_path / "many.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     assert len(layout.storages) == len(obj)
     assert {name: e.dtype for name, e in layout.tensor_map().items()} == {n: t.dtype for n, t in obj.items()}
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 def test_shared_storage_is_one_record(tmp_path: Path) -> None:
     base = torch.arange(20.0)
     obj = {"first": base[:10].view(2, 5), "second": base[5:15], "again": [base[5:15]]}
     path = _save(obj, tmp_path / "shared.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     assert len(layout.storages) == 1
     (record,) = layout.storages.values()
     assert record.numel == 20
@@ -166,10 +120,10 @@ def test_shared_storage_is_one_record(tmp_path: Path) -> None:
     assert entries["first"].storage_keys == entries["second"].storage_keys == (record.key,)
     assert entries["second"].storage_offset == 5
     assert entries["first"].shape == (2, 5)
-    assert _file_read(path, record.offset, 80) == base.numpy().tobytes()
+    assert file_bytes(path, record.offset, 80) == base.numpy().tobytes()
     loaded = torch.load(path, weights_only=True)
     assert loaded["first"].untyped_storage().data_ptr() == loaded["second"].untyped_storage().data_ptr()
-    _assert_matches_torch(path, layout, loaded)
+    assert_layout_matches(path, layout, loaded)
 
 
 def test_empty_tensors(tmp_path: Path) -> None:
@@ -180,7 +134,7 @@ def test_empty_tensors(tmp_path: Path) -> None:
         "last_empty": torch.empty(5, 0, dtype=torch.float16),
     }
     path = _save(obj, tmp_path / "empty.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     entries = layout.tensor_map()
     assert entries["empty2d"].shape == (0, 3)
     assert entries["last_empty"].shape == (5, 0)
@@ -188,7 +142,7 @@ def test_empty_tensors(tmp_path: Path) -> None:
         record = layout.storages[entries[name].storage_keys[0]]
         assert record.numel == 0 and record.nbytes == 0
         assert 0 <= record.offset <= path.stat().st_size
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 def test_nested_module_state_dict_names(tmp_path: Path) -> None:
@@ -197,16 +151,16 @@ def test_nested_module_state_dict_names(tmp_path: Path) -> None:
     state = model.state_dict()
     assert type(state) is collections.OrderedDict
     path = _save({"model": state, "epoch": 3}, tmp_path / "sd.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     assert {e.name for e in layout.tensors} == {f"model.{k}" for k in state}
     assert "model.2.0.weight" in layout.tensor_map()
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 def test_input_forms_agree(tmp_path: Path) -> None:
     path = _save(_sample(), tmp_path / "forms.pt")
     raw = path.read_bytes()
-    by_path = _layout(path)
+    by_path = layout_of(path)
     with open_source(raw) as source:
         by_bytes = read_layout(source)
     with open(path, "rb") as f, open_source(f) as source:
@@ -220,9 +174,9 @@ def test_large_pickle_beyond_first_read(tmp_path: Path) -> None:
     # a main pickle larger than the reader's first 1 MiB read, storages after it
     obj = {"a": torch.arange(5.0), "notes": "x" * (3 << 20), "b": torch.arange(3, dtype=torch.int64)}
     path = _save(obj, tmp_path / "bigpickle.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     assert min(r.offset for r in layout.storages.values()) > 3 << 20
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 def test_truncated_at_every_point_is_checkpoint_error(tmp_path: Path) -> None:
@@ -233,7 +187,7 @@ def test_truncated_at_every_point_is_checkpoint_error(tmp_path: Path) -> None:
     for cut in range(len(raw)):
         path.write_bytes(raw[:cut])
         with pytest.raises(CheckpointError) as info:
-            _layout(path)
+            layout_of(path)
         assert str(path) in str(info.value), cut
         assert info.value.name == str(path)
 
@@ -241,7 +195,7 @@ def test_truncated_at_every_point_is_checkpoint_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("where", ["magic", "pickle", "keys", "storage"])
 def test_truncated_in_each_part_from_bytes(tmp_path: Path, where: str) -> None:
     raw = _save(_sample(), tmp_path / "whole.pt").read_bytes()
-    layout = _layout(tmp_path / "whole.pt")
+    layout = layout_of(tmp_path / "whole.pt")
     first = min(r.offset for r in layout.storages.values() if r.nbytes)
     cut = {"magic": 5, "pickle": len(raw) // 4, "keys": first - 12, "storage": first + 3}[where]
     with pytest.raises(CheckpointError, match="<bytes>"):
@@ -276,7 +230,7 @@ def test_malformed_key_list_is_checkpoint_error() -> None:
 
 def test_storage_count_mismatch_is_checkpoint_error(tmp_path: Path) -> None:
     raw = bytearray(_save({"x": torch.ones(4)}, tmp_path / "one.pt").read_bytes())
-    layout = _layout(tmp_path / "one.pt")
+    layout = layout_of(tmp_path / "one.pt")
     (record,) = layout.storages.values()
     raw[record.offset - 8 : record.offset] = struct.pack("<q", 3)
     with pytest.raises(CheckpointError, match="elements"):

@@ -22,6 +22,7 @@ import torch
 
 from ckptd.formats import CheckpointError, UnsupportedFormatError
 from ckptd.formats._pickle_scan import Call, Global, PersistentId, ScanResult, SymDict, SymList, scan
+from ckptd_testlib import tensor_storage_bytes
 
 NAME = "/some/dir/hostile.pt"
 
@@ -95,11 +96,6 @@ def _record(path: Path, key: str) -> bytes:
     with zipfile.ZipFile(path) as archive:
         (name,) = [n for n in archive.namelist() if n.endswith(f"/data/{key}")]
         return archive.read(name)
-
-
-def _storage_bytes(tensor: torch.Tensor) -> bytes:
-    storage = tensor.untyped_storage()
-    return bytes(storage.tolist()) if storage.nbytes() else b""
 
 
 # ---------------------------------------------------------------------------------------
@@ -626,7 +622,7 @@ def test_storage_refs_match_torch(tmp_path: Path) -> None:
         assert ref.dtype == tensor.dtype, name
         assert ref.numel * ref.dtype.itemsize == tensor.untyped_storage().nbytes(), name
         assert ref.location == "cpu"
-        assert _record(path, ref.key) == _storage_bytes(tensor), name
+        assert _record(path, ref.key) == tensor_storage_bytes(tensor), name
         assert entry.dtype == tensor.dtype
         assert entry.shape == tuple(tensor.shape)
         assert entry.stride == tuple(tensor.stride())

@@ -23,11 +23,17 @@ from ckptd.formats import (
     CheckpointError,
     CheckpointNotFoundError,
     Format,
-    Layout,
     UnsupportedFormatError,
     open_source,
     read_layout,
     sniff,
+)
+from ckptd_testlib import (
+    assert_layout_matches,
+    assert_layout_storages,
+    file_bytes,
+    layout_of,
+    tensor_storage_bytes,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -35,66 +41,9 @@ from ckptd.formats import (
 # ---------------------------------------------------------------------------------------
 
 
-def _storage_bytes(tensor: torch.Tensor) -> bytes:
-    storage = tensor.untyped_storage()
-    return bytes(storage.tolist()) if storage.nbytes() else b""
-
-
 def _save(obj: Any, path: Path, **kwargs: Any) -> Path:
     torch.save(obj, path, **kwargs)
     return path
-
-
-def _layout(path: Path) -> Layout:
-    with open_source(str(path)) as source:
-        return read_layout(source)
-
-
-def _file_read(path: Path, offset: int, nbytes: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(nbytes)
-
-
-def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Named tensors of a loaded object as ckptd names them (dotted keys, ints in decimal)."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from _flatten(value, f"{prefix}.{index}" if prefix else str(index))
-
-
-def _assert_storages_match(path: Path, layout: Layout, loaded: Any) -> None:
-    """Names equal torch.load's; each name's storage read from the file equals torch's storage bytes."""
-    expected = dict(_flatten(loaded))
-    got = layout.tensor_map()
-    assert sorted(got) == sorted(expected)
-    assert len(layout.tensors) == len(expected)
-    for name, tensor in expected.items():
-        entry = got[name]
-        assert len(entry.storage_keys) == 1, name
-        record = layout.storages[entry.storage_keys[0]]
-        assert record.nbytes == tensor.untyped_storage().nbytes(), name
-        assert record.numel * record.dtype.itemsize == record.nbytes
-        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(tensor), name
-
-
-def _assert_matches_torch(path: Path, layout: Layout, loaded: Any) -> None:
-    """As above, and dtypes, shapes, strides, storage offsets and locations equal torch.load's."""
-    _assert_storages_match(path, layout, loaded)
-    got = layout.tensor_map()
-    for name, tensor in _flatten(loaded):
-        entry = got[name]
-        assert entry.dtype == tensor.dtype, name
-        assert entry.shape == tuple(tensor.shape), name
-        assert entry.stride == tuple(tensor.stride()), name
-        assert entry.storage_offset == tensor.storage_offset(), name
-        assert entry.location == "cpu", name
-        assert entry.nbytes == tensor.numel() * tensor.element_size(), name
 
 
 def _rebuild(
@@ -198,14 +147,14 @@ def _sample() -> dict[str, Any]:
 
 def test_offsets_names_strides_match_torch_load(tmp_path: Path) -> None:
     path = _save(_sample(), tmp_path / "sample.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     assert layout.format is Format.TORCH_ZIP
     assert layout.name == str(path)
     assert layout.size == path.stat().st_size
     assert layout.byteorder == "little"
     assert layout.prefix == "sample"
     loaded = torch.load(path, weights_only=True)
-    _assert_matches_torch(path, layout, loaded)
+    assert_layout_matches(path, layout, loaded)
     # four views of one tensor: one storage, not four
     entries = layout.tensor_map()
     assert len({entries[n].storage_keys for n in ("w", "t", "row", "col")}) == 1
@@ -218,12 +167,12 @@ def test_offsets_names_strides_match_torch_load(tmp_path: Path) -> None:
 def test_every_storage_record_read_back_equals_torch_storage(tmp_path: Path) -> None:
     obj = {f"t{i}": torch.arange(i * 10, dtype=torch.float32) + i for i in range(1, 9)}
     path = _save(obj, tmp_path / "many.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     loaded = torch.load(path, weights_only=True)
     assert len(layout.storages) == 8
     by_key = {layout.tensor_map()[name].storage_keys[0]: tensor for name, tensor in loaded.items()}
     for key, record in layout.storages.items():
-        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(by_key[key])
+        assert file_bytes(path, record.offset, record.nbytes) == tensor_storage_bytes(by_key[key])
     # distinct, non-overlapping spans
     spans = sorted((r.offset, r.offset + r.nbytes) for r in layout.storages.values())
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
@@ -261,7 +210,7 @@ def test_dtype_storage_bytes(tmp_path: Path, dtype_name: str) -> None:
     tensor = _DTYPE_TENSORS[dtype_name]()
     assert str(tensor.dtype) == f"torch.{dtype_name}"
     path = _save({"x": tensor, "pad": torch.ones(1)}, tmp_path / f"{dtype_name}.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     record = layout.storages[layout.tensor_map()["x"].storage_keys[0]]
     # v3 storages are untyped (bytes); the others carry the tensor's dtype
     expected_dtype = torch.uint8 if dtype_name in _V3_DTYPES else tensor.dtype
@@ -269,7 +218,7 @@ def test_dtype_storage_bytes(tmp_path: Path, dtype_name: str) -> None:
     assert record.nbytes == tensor.numel() * tensor.element_size()
     loaded = torch.load(path, weights_only=True)
     assert loaded["x"].dtype == tensor.dtype
-    _assert_storages_match(path, layout, loaded)
+    assert_layout_storages(path, layout, loaded)
 
 
 @_COMPLEX_HALF_OK
@@ -277,22 +226,22 @@ def test_dtype_storage_bytes(tmp_path: Path, dtype_name: str) -> None:
 def test_dtype_tensor_entry(tmp_path: Path, dtype_name: str) -> None:
     tensor = _DTYPE_TENSORS[dtype_name]().reshape(-1, 1)[1:]  # 2-d, with a storage offset
     path = _save({"x": tensor, "pad": torch.ones(1)}, tmp_path / f"{dtype_name}.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     entry = layout.tensor_map()["x"]
     assert entry.dtype == tensor.dtype
     assert entry.shape == tuple(tensor.shape)
     assert entry.stride == tuple(tensor.stride())
     assert entry.storage_offset == 1
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 @_COMPLEX_HALF_OK
 def test_all_dtypes_in_one_file(tmp_path: Path) -> None:
     obj = {name: make() for name, make in _DTYPE_TENSORS.items()}
     path = _save(obj, tmp_path / "all.pt")
-    layout = _layout(path)
+    layout = layout_of(path)
     assert len(layout.storages) == len(obj)
-    _assert_storages_match(path, layout, torch.load(path, weights_only=True))
+    assert_layout_storages(path, layout, torch.load(path, weights_only=True))
     entries = layout.tensor_map()
     for name, tensor in obj.items():
         assert entries[name].dtype == tensor.dtype, name
@@ -311,7 +260,7 @@ def test_location_tags_match_what_torch_load_sees(tmp_path: Path) -> None:
 
     loaded = torch.load(path, map_location=record, weights_only=True)
     assert sorted(seen) == ["cpu", "cuda:0", "cuda:1"]
-    layout = _layout(path)
+    layout = layout_of(path)
     entries = layout.tensor_map()
     assert entries["a"].location == "cuda:1"
     assert entries["b"].location == "cuda:0"
@@ -320,7 +269,7 @@ def test_location_tags_match_what_torch_load_sees(tmp_path: Path) -> None:
     for name in "abc":
         record_ = layout.storages[entries[name].storage_keys[0]]
         assert record_.location == entries[name].location
-        assert _file_read(path, record_.offset, record_.nbytes) == _storage_bytes(loaded[name])
+        assert file_bytes(path, record_.offset, record_.nbytes) == tensor_storage_bytes(loaded[name])
 
 
 def test_crc32_disabled(tmp_path: Path) -> None:
@@ -334,8 +283,8 @@ def test_crc32_disabled(tmp_path: Path) -> None:
     # torch wrote zero CRCs: the archive really is one a CRC-checking reader would refuse
     crcs = [info.CRC for info in zipfile.ZipFile(path).infolist() if "/data/" in info.filename]
     assert crcs and all(crc == 0 for crc in crcs)
-    layout = _layout(path)
-    _assert_matches_torch(path, layout, torch.load(path, weights_only=True))
+    layout = layout_of(path)
+    assert_layout_matches(path, layout, torch.load(path, weights_only=True))
 
 
 def test_prefixed_archive(tmp_path: Path) -> None:
@@ -349,8 +298,8 @@ def test_prefixed_archive(tmp_path: Path) -> None:
     with pytest.raises(Exception):
         torch.load(path, weights_only=False)
     # ckptd finds the directory from the end; every offset accounts for the prefix.
-    plain_layout = _layout(plain)
-    layout = _layout(path)
+    plain_layout = layout_of(plain)
+    layout = layout_of(path)
     assert layout.format is Format.TORCH_ZIP
     assert layout.size == plain_layout.size + len(prefix)
     assert set(layout.storages) == set(plain_layout.storages)
@@ -359,7 +308,7 @@ def test_prefixed_archive(tmp_path: Path) -> None:
         assert record.nbytes == plain_layout.storages[key].nbytes
     for name, (offset, size) in plain_layout.records.items():
         assert layout.records[name] == (offset + len(prefix), size)
-    _assert_matches_torch(path, layout, torch.load(plain, weights_only=True))
+    assert_layout_matches(path, layout, torch.load(plain, weights_only=True))
 
 
 def test_zip64_local_headers_from_python_zipfile(tmp_path: Path) -> None:
@@ -369,11 +318,11 @@ def test_zip64_local_headers_from_python_zipfile(tmp_path: Path) -> None:
     # the local headers carry a zip64 extra field the central directory does not
     with zipfile.ZipFile(path) as archive:
         info = archive.infolist()[0]
-    header = _file_read(path, info.header_offset, 30)
+    header = file_bytes(path, info.header_offset, 30)
     assert struct.unpack("<H", header[28:30])[0] >= 20
     loaded = torch.load(path, weights_only=True)
-    layout = _layout(path)
-    _assert_matches_torch(path, layout, loaded)
+    layout = layout_of(path)
+    assert_layout_matches(path, layout, loaded)
 
 
 def test_zip64_everywhere(tmp_path: Path) -> None:
@@ -382,12 +331,12 @@ def test_zip64_everywhere(tmp_path: Path) -> None:
     path.write_bytes(_full_zip64(_records_of(raw)))
     with zipfile.ZipFile(path) as archive:  # a valid archive for Python's reader
         assert archive.testzip() is None
-    assert _file_read(path, path.stat().st_size - 22, 4) == b"PK\x05\x06"
+    assert file_bytes(path, path.stat().st_size - 22, 4) == b"PK\x05\x06"
     assert b"PK\x06\x06" in path.read_bytes()
     loaded = torch.load(path, weights_only=True)
-    layout = _layout(path)
+    layout = layout_of(path)
     assert layout.format is Format.TORCH_ZIP
-    _assert_matches_torch(path, layout, loaded)
+    assert_layout_matches(path, layout, loaded)
 
 
 @pytest.mark.parametrize("top", ["x", "some dir with spaces", "überarchiv", "archive.pt", "a" * 200])
@@ -396,15 +345,15 @@ def test_archive_top_dir_name_is_anything(tmp_path: Path, top: str) -> None:
     path = tmp_path / "renamed.pt"
     path.write_bytes(_rebuild(raw, top=top))
     loaded = torch.load(path, weights_only=True)
-    layout = _layout(path)
+    layout = layout_of(path)
     assert layout.prefix == top
     assert f"{top}/data.pkl" in layout.records
-    _assert_matches_torch(path, layout, loaded)
+    assert_layout_matches(path, layout, loaded)
 
 
 def test_byteorder_big_reported(tmp_path: Path) -> None:
     raw = _save({"x": torch.arange(4, dtype=torch.int32)}, tmp_path / "orig.pt").read_bytes()
-    little = _layout(tmp_path / "orig.pt")
+    little = layout_of(tmp_path / "orig.pt")
     assert little.byteorder == "little"
 
     def swap(name: str, data: bytes) -> bytes:
@@ -419,10 +368,10 @@ def test_byteorder_big_reported(tmp_path: Path) -> None:
     path.write_bytes(_rebuild(raw, transform=swap))
     # torch reads the big-endian file back to the same values
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(4, dtype=torch.int32))
-    layout = _layout(path)
+    layout = layout_of(path)
     assert layout.byteorder == "big"
     record = layout.storages[layout.tensor_map()["x"].storage_keys[0]]
-    assert _file_read(path, record.offset, record.nbytes) == struct.pack(">4i", 0, 1, 2, 3)
+    assert file_bytes(path, record.offset, record.nbytes) == struct.pack(">4i", 0, 1, 2, 3)
 
 
 def _swap32(data: bytes) -> bytes:
@@ -434,7 +383,7 @@ def test_missing_byteorder_record_means_little(tmp_path: Path) -> None:
     records = [(n, d) for n, d in _records_of(raw) if not n.endswith("/byteorder")]
     path = tmp_path / "nobo.pt"
     path.write_bytes(_full_zip64(records))
-    assert _layout(path).byteorder == "little"
+    assert layout_of(path).byteorder == "little"
 
 
 def test_bad_byteorder_record_is_checkpoint_error(tmp_path: Path) -> None:
@@ -442,7 +391,7 @@ def test_bad_byteorder_record_is_checkpoint_error(tmp_path: Path) -> None:
     path = tmp_path / "badbo.pt"
     path.write_bytes(_rebuild(raw, transform=lambda n, d: b"middle" if n == "byteorder" else d))
     with pytest.raises(CheckpointError, match="badbo.pt"):
-        _layout(path)
+        layout_of(path)
 
 
 def test_storage_record_shorter_than_table_is_checkpoint_error(tmp_path: Path) -> None:
@@ -450,7 +399,7 @@ def test_storage_record_shorter_than_table_is_checkpoint_error(tmp_path: Path) -
     path = tmp_path / "short.pt"
     path.write_bytes(_rebuild(raw, transform=lambda n, d: d[:5] if n.startswith("data/") else d))
     with pytest.raises(CheckpointError, match="short.pt"):
-        _layout(path)
+        layout_of(path)
 
 
 def test_missing_storage_record_is_checkpoint_error(tmp_path: Path) -> None:
@@ -459,7 +408,7 @@ def test_missing_storage_record_is_checkpoint_error(tmp_path: Path) -> None:
     path = tmp_path / "nodata.pt"
     path.write_bytes(_full_zip64(records))
     with pytest.raises(CheckpointError, match="nodata.pt"):
-        _layout(path)
+        layout_of(path)
 
 
 @pytest.mark.parametrize("cut", [0.25, 0.5, 0.9, 0.999])
@@ -475,7 +424,7 @@ def test_truncated_zip_is_checkpoint_error(tmp_path: Path, cut: float) -> None:
 def test_input_forms_agree(tmp_path: Path) -> None:
     path = _save(_sample(), tmp_path / "forms.pt")
     raw = path.read_bytes()
-    by_path = _layout(path)
+    by_path = layout_of(path)
     with open_source(raw) as source:
         by_bytes = read_layout(source)
     with open(path, "rb") as f, open_source(f) as source:
@@ -536,7 +485,7 @@ def test_torchscript_archive(tmp_path: Path) -> None:
         assert entry.shape == tuple(tensor.shape), name
         assert entry.stride == tuple(tensor.stride()), name
         record = layout.storages[entry.storage_keys[0]]
-        assert _file_read(path, record.offset, record.nbytes) == _storage_bytes(tensor), name
+        assert file_bytes(path, record.offset, record.nbytes) == tensor_storage_bytes(tensor), name
     # the shared submodule's weight is stored once
     assert len(layout.storages) == len({e.storage_keys for e in layout.tensors})
     assert collections.Counter(e.storage_keys for e in layout.tensors).most_common(1)[0][1] == 2
