@@ -189,9 +189,7 @@ class Client:
                 self._mappings[info.id] = weakref.ref(mapping)
                 weakref.finalize(mapping, self._leases.arena_gone, info.id)
                 return storage
-        if info.device == "cpu":
-            return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
-        return mapping.storage()  # a GPU mapping rebuilds a storage on itself
+        return mapping.storage()  # every opened arena rebuilds a storage on itself
 
     def _open(self, info: ArenaInfo, lease: str) -> tuple[torch.UntypedStorage, Any]:
         if info.device == "cpu":

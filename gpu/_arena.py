@@ -177,6 +177,10 @@ def shm_arena(nbytes: int, directory: str, *, prefix: str = "ckptd-") -> Arena:
 class _Mapping(mmap.mmap):
     """An mmap that can be weakly referenced (plain mmap objects cannot): owners learn when it dies."""
 
+    def storage(self) -> torch.UntypedStorage:
+        """The whole mapping as a storage (it keeps the mapping alive), like every opened arena."""
+        return torch.frombuffer(self, dtype=torch.uint8).untyped_storage()
+
 
 def map_arena(path: str, nbytes: int) -> tuple[torch.UntypedStorage, mmap.mmap]:
     """Map a shared-memory arena file copy-on-write: reads share the pages, writes stay private.
@@ -189,7 +193,7 @@ def map_arena(path: str, nbytes: int) -> tuple[torch.UntypedStorage, mmap.mmap]:
         mapping = _Mapping(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage(), mapping
+    return mapping.storage(), mapping
 
 
 def _map(fd: int, nbytes: int, *, shared: bool) -> mmap.mmap:
