@@ -1,8 +1,8 @@
 """Fixtures for the ckptd test suite.
 
-The comparison helper and the checkpoint corpus live in ``ckptd_testlib`` (a plain module,
-so pickle can find the classes some checkpoints hold); this file re-exports them and adds
-fixtures that save each corpus object once per session.
+The comparison helper and the checkpoint corpus live in the ``ckptd_testlib`` package (plain
+modules, so pickle can find the classes some checkpoints hold); this file re-exports them and
+adds fixtures that save each corpus object once per session.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def test_unsafe_objects_rejected_by_weights_only(saved, ckptd_mod, name, weights
 
 def test_custom_class_message_names_the_global(saved, ckptd_mod):
     t, c = load_both(saved("custom_object", "zip"), "str", weights_only=True)
-    assert "ckptd_testlib.CustomThing" in str(t.exc)
+    assert "ckptd_testlib.checkpoints.CustomThing" in str(t.exc)
     assert isinstance(c.exc, ckptd_mod.UnpicklingError)
     assert "CustomThing" in str(c.exc), str(c.exc)
 
