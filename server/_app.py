@@ -16,10 +16,12 @@ route                                  answer
 ``GET /metrics``                       Prometheus text exposition
 =====================================  ===============================================
 
-**Auth.** When the daemon has a token, every route but ``/healthz`` (``/metrics``
-unless ``public_metrics`` is set, ``/openapi.json`` and ``/docs`` included) needs
-``Authorization: Bearer <token>``;
-anything else is 401 ``AuthenticationError``. **Errors** have one shape,
+**Auth.** When the daemon has a token, every request over TCP to a route but ``/healthz``
+(``/metrics`` unless ``public_metrics`` is set, ``/openapi.json`` and ``/docs`` included)
+needs ``Authorization: Bearer <token>``; anything else is 401 ``AuthenticationError``.
+Requests over the Unix socket need no token: the socket is owner-only (0600), so the
+kernel has already checked that the peer runs as the daemon's uid, and workers beside
+the daemon (compose, a Kubernetes node) need no secret. **Errors** have one shape,
 ``{"error": {"type": "<ckptd exception>", "message": "..."}}``, with the status of
 ``ckptd._wire.STATUS``: a malformed body is 422 ``UsageError``, a body over
 ``max_body_bytes`` 413 ``UsageError``.
@@ -184,7 +186,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class TokenAuth:
-    """ASGI middleware: every HTTP request but :data:`OPEN_PATHS` must carry the bearer token."""
+    """ASGI middleware: every HTTP request over TCP but :data:`OPEN_PATHS` must carry the bearer token.
+
+    A connection over a Unix socket is let through: uvicorn gives it no TCP port in
+    ``scope["server"]`` (``(path, None)``, or ``None`` in older uvicorn releases).
+    """
 
     def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
@@ -192,7 +198,7 @@ class TokenAuth:
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._open or self._authorized(scope):
+        if scope["type"] != "http" or scope["path"] in self._open or _over_unix(scope) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         await error_response(AuthenticationError("missing or wrong token (send Authorization: Bearer <token>)"))(
@@ -203,6 +209,16 @@ class TokenAuth:
         header = dict(scope.get("headers") or ()).get(b"authorization", b"")
         scheme, _, presented = header.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), self._token)
+
+
+def _over_unix(scope: Scope) -> bool:
+    """Whether the request came over a Unix socket (no local TCP port).
+
+    >>> _over_unix({"server": ("/run/ckptd/ckptd.sock", None)}), _over_unix({"server": ("127.0.0.1", 8750)})
+    (True, False)
+    """
+    server = scope.get("server")
+    return server is None or server[1] is None
 
 
 class BodyLimit:

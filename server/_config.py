@@ -29,6 +29,9 @@ log_level            CKPTD_LOG_LEVEL         ``info``
 
 A ``CKPTD_*`` variable that names no field is an error (``CKPTD_URL`` and ``CKPTD_TOKEN``
 belong to the client and are left alone), so a misspelt variable never goes unnoticed.
+The variables Kubernetes injects for a Service named ``ckptd`` (``CKPTD_SERVICE_HOST``,
+``CKPTD_SERVICE_PORT[_NAME]``, ``CKPTD_PORT_8750_TCP[_PROTO|_PORT|_ADDR]``, and
+``CKPTD_PORT=tcp://10.0.0.1:8750``) are not settings and are ignored.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ ENV_PREFIX = "CKPTD_"
 CLIENT_VARIABLES = frozenset({"CKPTD_URL", "CKPTD_TOKEN"})
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# Docker-links-style variables Kubernetes sets for a Service named ``ckptd`` (unless the
+# pod says enableServiceLinks: false); ``CKPTD_PORT`` itself is a setting, but its
+# service-link value is a URL (``tcp://10.0.0.1:8750``), never a port number.
+SERVICE_LINK = re.compile(r"^CKPTD_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)$")
+_SERVICE_LINK_URL = re.compile(r"^(tcp|udp|sctp)://", re.IGNORECASE)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _UNITS = {
@@ -178,6 +186,14 @@ class Settings(BaseSettings):
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             raise ValueError(f"{path}: a Unix socket path must be under 108 bytes; choose a shorter one")
         return path
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _ignore_service_link(cls, value: Any) -> Any:
+        if isinstance(value, str) and _SERVICE_LINK_URL.match(value.strip()):
+            logger.info("ignoring CKPTD_PORT=%s: Kubernetes' service link, not a port", value)
+            return None
+        return value
 
     @field_validator("roots", mode="before")
     @classmethod
@@ -304,16 +320,20 @@ def read_token(path: Path) -> str:
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
-    """``CKPTD_*`` variables that name no setting (the client's ``CKPTD_URL``/``CKPTD_TOKEN`` excepted).
+    """``CKPTD_*`` variables that name no setting (the client's ``CKPTD_URL``/``CKPTD_TOKEN``
+    and Kubernetes' service links excepted).
 
     >>> unknown_variables({"CKPTD_ROOTS": "/m", "CKPTD_URL": "unix:///s", "CKPTD_ROOT": "/m", "PATH": "/bin"})
     ['CKPTD_ROOT']
+    >>> unknown_variables({"CKPTD_SERVICE_HOST": "10.0.0.1", "CKPTD_PORT_8750_TCP_ADDR": "10.0.0.1"})
+    []
     """
     environ = os.environ if environ is None else environ
     fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     return sorted(
         key for key in environ
         if key.upper().startswith(ENV_PREFIX) and key.upper() not in fields | CLIENT_VARIABLES
+        and not SERVICE_LINK.match(key.upper())
     )  # fmt: skip
 
 

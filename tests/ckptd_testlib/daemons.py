@@ -49,6 +49,7 @@ class Daemon:
     sock: str
     root: Path
     shm: Path
+    tcp: str | None = None  # http://host:port when started with --port
 
     @property
     def url(self) -> str:
@@ -73,8 +74,9 @@ def start_daemon(root: Path, shm: Path, *extra: str) -> Iterator[Daemon]:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the daemon is listening (or exits)
         assert line.startswith(READY_PREFIX), f"daemon did not start: {line!r} (exit {proc.poll()})"
-        assert line.strip() == f"{READY_PREFIX}unix://{sock}"
-        yield Daemon(proc, sock, root, shm)
+        unix, *tcp = line.strip().removeprefix(READY_PREFIX).split(" and ")
+        assert unix == f"unix://{sock}"
+        yield Daemon(proc, sock, root, shm, tcp[0] if tcp else None)
         assert proc.poll() is None, "daemon died during the test"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

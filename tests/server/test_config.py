@@ -245,6 +245,33 @@ def test_client_variables_are_not_settings_but_allowed(root: Path, clean_env: py
     assert _settings(root).token is None
 
 
+# What the kubelet sets in every pod of the namespace for a Service named ckptd with a
+# port named http (Docker-links style), unless the pod has enableServiceLinks: false.
+SERVICE_LINKS = {
+    "CKPTD_SERVICE_HOST": "10.96.12.7",
+    "CKPTD_SERVICE_PORT": "8750",
+    "CKPTD_SERVICE_PORT_HTTP": "8750",
+    "CKPTD_PORT": "tcp://10.96.12.7:8750",
+    "CKPTD_PORT_8750_TCP": "tcp://10.96.12.7:8750",
+    "CKPTD_PORT_8750_TCP_PROTO": "tcp",
+    "CKPTD_PORT_8750_TCP_PORT": "8750",
+    "CKPTD_PORT_8750_TCP_ADDR": "10.96.12.7",
+}
+
+
+def test_kubernetes_service_links_are_ignored(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    for key, value in SERVICE_LINKS.items():
+        clean_env.setenv(key, value)
+    s = _settings(root)
+    assert s.port is None and s.tcp_url is None  # not TCP on the Service's port
+    assert _settings(root, port=8750, allow_insecure_tcp=True).port == 8750  # a flag still decides
+    clean_env.setenv("CKPTD_PORT", "9000")
+    assert _settings(root, allow_insecure_tcp=True).port == 9000  # a real CKPTD_PORT is still a setting
+    clean_env.setenv("CKPTD_SERVICE_HOSTS", "x")  # near misses are still refused
+    with pytest.raises(UsageError, match="CKPTD_SERVICE_HOSTS"):
+        _settings(root)
+
+
 def test_unknown_variables_ignores_other_prefixes() -> None:
     env = {"CKPTD_PORT": "1", "ckptd_bogus": "1", "XCKPTD_FOO": "1", "HOME": "/root"}
     assert unknown_variables(env) == ["ckptd_bogus"]

@@ -406,3 +406,25 @@ def test_sharded_checkpoint_through_the_daemon(daemon: Daemon, client: ckptd.Cli
         client.load(index, tensor_name="nope")
     info = client.prefetch(index)
     assert len(info["shards"]) == 2 and info["storages_resident"] == info["storages_total"] == 5
+
+
+# --------------------------------------------------------------------------- token
+
+
+def test_token_guards_tcp_but_not_the_owner_only_socket(tmp_path: Path) -> None:
+    """Workers beside the daemon (compose, a Kubernetes node) reach it over the Unix socket
+    with no token: the socket's 0600 mode already admits only the daemon's uid. TCP needs it."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o600)
+    for daemon in daemon_in(tmp_path, "--port", "0", "--token-file", str(token)):
+        assert daemon.tcp is not None
+        path = _checkpoint(daemon.root, "tokened.pt")
+        with ckptd.Client(daemon.url, token="") as over_unix:
+            assert_same(torch.load(path), over_unix.load(path))
+        with ckptd.Client(daemon.tcp, token="") as no_token:
+            with pytest.raises(ckptd.AuthenticationError):
+                no_token.stats()
+            assert no_token.health()["status"] == "ok"  # the probes' route stays open
+        with ckptd.Client(daemon.tcp, token="s3cret") as with_token:
+            assert with_token.stats()["checkpoints"] >= 1
