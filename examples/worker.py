@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "save":
         torch.manual_seed(0)
+        os.makedirs(os.path.dirname(os.path.abspath(args.path)), exist_ok=True)  # `save checkpoints/tinylm.pt` in a fresh clone
         torch.save(TinyLM().state_dict(), args.path)
         print(f"wrote {args.path}")
         return 0
