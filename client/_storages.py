@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ckptd.formats import Layout, Source, StorageRecord
+from ckptd.formats import Layout, Source, StorageRecord, inflate_storage
 from ckptd.gpu import Arena, Copy, allocate, fill, pack
 
 from ._placement import MapLocation, apply_callable, device_for_tag, restore, target_tag
@@ -103,6 +103,7 @@ def read_storages(
     wait: bool = True,
     allocator: Callable[[torch.device, int], Arena] = allocate,
     keep_open: bool = False,
+    skip_data: bool = False,
 ) -> StorageSet:
     """Read the storages named by ``keys`` straight to their devices.
 
@@ -110,6 +111,7 @@ def read_storages(
     arrive in the background (call :meth:`StorageSet.wait` before using them), so the
     object can be unpickled while the disk is read. ``allocator`` makes the arenas (the
     daemon's are named shared-memory files); ``keep_open`` keeps their descriptors.
+    ``skip_data`` places the storages but reads none (``torch.serialization.skip_data``).
 
     >>> import io
     >>> from ckptd.formats import open_source, read_layout
@@ -129,6 +131,10 @@ def read_storages(
         groups = _group_by_device(records, map_location, swap)
         jobs = [_place_group(allocator, device, group, result) for device, group in groups.items()]
     swapped = [r for r in records if swap and r.key in result.views and result.views[r.key].device.type == "cpu"]
+    deflated = [r for r in records if r.compressed_size is not None and r.key in result.views]
+
+    if skip_data:
+        jobs, deflated, swapped = [(arena, []) for arena, _ in jobs], [], []
 
     def finish() -> None:
         for arena, copies in jobs:
@@ -137,6 +143,8 @@ def read_storages(
             finally:
                 if not keep_open:
                     arena.close()  # tensors keep the mapping; the descriptor is not needed in-process
+        for record in deflated:  # torch writes none; a deflated storage is inflated into its place
+            _bytes_of(result.views[record.key]).copy_(torch.frombuffer(inflate_storage(source, record), dtype=torch.uint8))
         for record in swapped:
             result.views[record.key].byteswap(record.dtype)
 
@@ -173,7 +181,11 @@ def _place_group(
     result.arenas.append(arena)
     for record, offset in zip(records, offsets):
         result.views[record.key] = arena.view(offset, record.nbytes)
-    return arena, [Copy(r.offset, off, r.nbytes) for r, off in zip(records, offsets)]
+    return arena, [Copy(r.offset, off, r.nbytes) for r, off in zip(records, offsets) if r.compressed_size is None]
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 def _map_file(source: Source, records: list[StorageRecord], result: StorageSet) -> None:
@@ -183,5 +195,7 @@ def _map_file(source: Source, records: list[StorageRecord], result: StorageSet) 
     size = os.path.getsize(source.path)
     whole = torch.UntypedStorage.from_file(source.path, shared, size)
     for record in records:
-        if record.nbytes:
+        if record.compressed_size is not None:
+            result.views[record.key] = torch.UntypedStorage(record.nbytes)  # inflated, not mapped
+        elif record.nbytes:
             result.views[record.key] = whole[record.offset : record.offset + record.nbytes]

@@ -20,6 +20,7 @@ from ._errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CkptdError,
+    NotFileLikeError,
     NotSeekableError,
     TensorNotFoundError,
     UnsupportedFormatError,
@@ -29,7 +30,7 @@ from ._legacy import is_legacy_tar, read_legacy_layout
 from ._safetensors import read_safetensors_layout
 from ._sharded import ShardedIndex, is_sharded_index, read_sharded_index
 from ._source import FileLike, FileSource, Source, open_source
-from ._zip import is_zip, read_zip_layout
+from ._zip import default_load_byteorder, has_zip_directory, inflate_storage, is_zip, read_zip_layout
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +40,7 @@ __all__ = [
     "FileSource",
     "Format",
     "Layout",
+    "NotFileLikeError",
     "NotSeekableError",
     "ShardedIndex",
     "Source",
@@ -46,6 +48,8 @@ __all__ = [
     "TensorEntry",
     "TensorNotFoundError",
     "UnsupportedFormatError",
+    "default_load_byteorder",
+    "inflate_storage",
     "is_sharded_index",
     "open_source",
     "read_layout",
@@ -60,6 +64,9 @@ _PICKLE_PROTO = 0x80
 def sniff(source: Source) -> Format:
     """Tell a file's format from its bytes (never from its name).
 
+    A zip is what starts with a local header, as torch decides (``_is_zipfile``): a legacy
+    file whose tensor bytes hold an end-of-directory record stays legacy. An archive
+    behind other bytes (which torch.load does not read) is found from its end.
     Raises :class:`CheckpointError` for empty files and anything unrecognised.
     """
     if source.size == 0:
@@ -71,6 +78,8 @@ def sniff(source: Source) -> Format:
         return Format.TORCH_LEGACY
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= source.size - 8:
         return Format.SAFETENSORS
+    if has_zip_directory(source):
+        return Format.TORCH_ZIP
     raise CheckpointError(
         source.name,
         f"not a checkpoint ckptd can read (starts with {head[:8]!r}); expected a torch.save file, "

@@ -35,7 +35,17 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class NotSeekableError(CkptdError, io.UnsupportedOperation):
-    """A file-like input that cannot seek (also :class:`io.UnsupportedOperation`, as in torch.load)."""
+    """A file-like input whose ``seek``/``tell`` refuse (also :class:`io.UnsupportedOperation`,
+    with torch.load's message)."""
+
+
+class NotFileLikeError(CkptdError, AttributeError):
+    """An input that is no path, no bytes and no file-like object: it lacks ``seek``, ``tell``
+    or ``read`` (also :class:`AttributeError`, as torch.load raises, with its message).
+
+    An error cannot be both this and :class:`NotSeekableError`: Python cannot derive one
+    class from both :class:`OSError` and :class:`AttributeError`.
+    """
 
 
 class TensorNotFoundError(CkptdError, LookupError):

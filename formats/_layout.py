@@ -31,7 +31,10 @@ class StorageRecord:
     """One storage: ``nbytes`` bytes at absolute ``offset`` in the file.
 
     ``key`` is the storage's name in the pickle (or the tensor name for safetensors),
-    ``location`` its saved location tag (``'cpu'``, ``'cuda:1'``, ...).
+    ``location`` its saved location tag (``'cpu'``, ``'cuda:1'``, ...). A deflated zip
+    record (torch writes none, but reads them) has ``compressed_size`` bytes at
+    ``offset`` that inflate to ``inflated_size`` bytes, the storage's being the first
+    ``nbytes``.
     """
 
     key: str
@@ -40,6 +43,13 @@ class StorageRecord:
     location: str
     offset: int
     nbytes: int
+    compressed_size: int | None = None
+    inflated_size: int = 0
+
+    @property
+    def span(self) -> int:
+        """How many bytes of the file hold this storage (compressed or not)."""
+        return self.nbytes if self.compressed_size is None else self.compressed_size
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,13 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Layout:
-    """Everything known about one checkpoint file without reading its storages."""
+    """Everything known about one checkpoint file without reading its storages.
+
+    ``byteorder`` is the storages' byte order: the file's ``byteorder`` record, or where
+    it has none (``byteorder_recorded`` false) torch's default load endianness when read.
+    ``end`` is where torch.load leaves a stream it read the file from (relative to the
+    stream's position when the load began), ``None`` where that is not known.
+    """
 
     name: str
     format: Format
@@ -84,6 +100,8 @@ class Layout:
     records: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     prefix: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    byteorder_recorded: bool = True
+    end: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -117,14 +135,14 @@ def validate(layout: Layout) -> None:
                 f"storage {record.key!r} holds {record.nbytes} bytes but its table entry says "
                 f"{record.numel} elements of {record.dtype}",
             )
-        if record.offset < 0 or record.offset + record.nbytes > layout.size:
+        if record.offset < 0 or record.offset + record.span > layout.size:
             raise CheckpointError(
                 layout.name,
-                f"storage {record.key!r} ({record.nbytes} bytes at offset {record.offset}) lies "
+                f"storage {record.key!r} ({record.span} bytes at offset {record.offset}) lies "
                 f"outside the file ({layout.size} bytes): the file is truncated or corrupt",
             )
-        if record.nbytes:
-            spans.append((record.offset, record.offset + record.nbytes, record.key))
+        if record.span:
+            spans.append((record.offset, record.offset + record.span, record.key))
     spans.sort()
     for (_, end, key), (start, _, other) in zip(spans, spans[1:]):
         if start < end:

@@ -43,7 +43,7 @@ def read_legacy_layout(source: Source) -> Layout:
     _magic, protocol, _sys_info, main, keys = pickles
     if protocol.root != PROTOCOL_VERSION:
         raise CheckpointError(source.name, f"invalid legacy protocol version {protocol.root!r}")
-    storages = _storage_records(source, main, keys, head)
+    storages, end = _storage_records(source, main, keys, head)
     layout = Layout(
         name=source.name,
         format=Format.TORCH_LEGACY,
@@ -51,6 +51,7 @@ def read_legacy_layout(source: Source) -> Layout:
         storages=storages,
         tensors=tuple(main.tensors),
         pickle=bytes(head[pickles[2].end : main.end]),
+        end=end,
     )
     validate(layout)
     return layout
@@ -81,7 +82,10 @@ def _scan_five(head: bytes, name: str) -> list[ScanResult]:
     return results
 
 
-def _storage_records(source: Source, main: ScanResult, keys: ScanResult, head: bytes) -> dict[str, StorageRecord]:
+def _storage_records(
+    source: Source, main: ScanResult, keys: ScanResult, head: bytes
+) -> tuple[dict[str, StorageRecord], int]:
+    """Every storage's record, and where the checkpoint ends (just past the last storage)."""
     if not isinstance(keys.root, SymList) or not all(isinstance(k, (str, int)) for k in keys.root.items):
         raise CheckpointError(source.name, "the storage key list is malformed")
     roots = {ref.key: ref for ref in main.storages.values()}
@@ -101,7 +105,7 @@ def _storage_records(source: Source, main: ScanResult, keys: ScanResult, head: b
     missing = set(roots) - set(records)
     if missing:
         raise CheckpointError(source.name, f"storage {sorted(missing)[0]!r} has no data: truncated or corrupt")
-    return records
+    return records, offset
 
 
 def _read_exact(source: Source, head: bytes, offset: int, n: int) -> bytes:

@@ -14,13 +14,14 @@ import threading
 from types import TracebackType
 from typing import IO, Union
 
-from ._errors import CheckpointError, CheckpointNotFoundError, NotSeekableError
+from ._errors import CheckpointError, CheckpointNotFoundError, NotFileLikeError, NotSeekableError
 
 FileLike = Union[str, "os.PathLike[str]", IO[bytes], bytes, bytearray, memoryview]
 
-# torch.load's own words for a stream it cannot seek (torch/serialization.py, _check_seekable).
+# torch.load's own words for a stream it cannot seek (torch/serialization.py, _check_seekable),
+# appended to the error seek or tell raised.
 _NOT_SEEKABLE = (
-    "You can only torch.load from a file that is seekable. Please pre-load the data into "
+    ". You can only torch.load from a file that is seekable. Please pre-load the data into "
     "a buffer like io.BytesIO and try to load from it instead."
 )
 
@@ -32,6 +33,16 @@ class Source:
     size: int
     path: str | None = None
     start: int = 0  # where a caller's file-like object stood when opened (reads are relative to it)
+    stream: IO[bytes] | None = None  # the caller's file-like object, if one was given
+
+    def settle(self, end: int | None) -> None:
+        """Leave the caller's stream where torch.load would: ``end`` bytes past its start.
+
+        torch.load reads a checkpoint from the stream's position and leaves it after the
+        last bytes it read, so several objects written one after another read back in order.
+        """
+        if self.stream is not None and end is not None:
+            self.stream.seek(self.start + end)
 
     def readinto(self, buffer: memoryview, offset: int) -> None:
         """Fill ``buffer`` exactly with the bytes at ``offset``; a short read is an error."""
@@ -138,11 +149,19 @@ class StreamSource(Source):
             self._stream.seek(self._base + offset)
             done = 0
             while done < len(buffer):
-                chunk = self._stream.read(len(buffer) - done)
-                if not chunk:
+                got = self._read_some(buffer[done:])
+                if not got:
                     raise CheckpointError(self.name, f"stream ended early at offset {offset + done}")
-                buffer[done : done + len(chunk)] = chunk
-                done += len(chunk)
+                done += got
+
+    def _read_some(self, buffer: memoryview) -> int:
+        """One read straight into ``buffer`` (``readinto``, as torch uses), else a copied ``read``."""
+        readinto = getattr(self._stream, "readinto", None)
+        if readinto is not None:
+            return int(readinto(buffer) or 0)
+        chunk = self._stream.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def open_source(f: FileLike) -> Source:
@@ -173,15 +192,33 @@ def open_source(f: FileLike) -> Source:
 
 def _open_file_like(f: IO[bytes]) -> Source:
     name = str(getattr(f, "name", None) or f"<{type(f).__name__}>")
+    position = _check_seekable(f)
     if not hasattr(f, "read"):
-        raise TypeError(f"expected a path, bytes or a binary file-like object, got {type(f).__name__}")
+        raise NotFileLikeError(f"{type(f).__name__!r} object has no attribute 'read': not a binary file-like object")
+    source = _source_of(f, name, position)
+    source.stream = f
+    return source
+
+
+def _check_seekable(f: IO[bytes]) -> int:
+    """torch's check (``_check_seekable``): ``f.seek(f.tell())`` must work; returns the position.
+
+    The error is of the type torch's is (:class:`io.UnsupportedOperation` where seek or
+    tell refuse, :class:`AttributeError` where the object has none) and says what torch's says.
+    """
     try:
-        seekable = f.seekable() if hasattr(f, "seekable") else True
-        position = f.tell() if seekable else 0
-    except (OSError, ValueError, AttributeError):
-        seekable = False
-    if not seekable:
-        raise NotSeekableError(_NOT_SEEKABLE)
+        seek = f.seek  # looked up before tell is called, as in torch's ``f.seek(f.tell())``
+        position = f.tell()
+        seek(position)
+    except (io.UnsupportedOperation, AttributeError) as exc:
+        message = str(exc) + (_NOT_SEEKABLE if "seek" in str(exc) or "tell" in str(exc) else "")
+        if isinstance(exc, AttributeError):
+            raise NotFileLikeError(message) from exc
+        raise NotSeekableError(message) from exc
+    return position
+
+
+def _source_of(f: IO[bytes], name: str, position: int) -> Source:
     if isinstance(f, io.BytesIO):
         source: Source = BufferSource(f.getbuffer()[position:], name)
         source.start = position

@@ -1,103 +1,263 @@
 """torch.save's zip format and TorchScript archives: where every record's bytes lie.
 
-The central directory (stdlib :mod:`zipfile`, which handles zip64 and any bytes
-prepended to the archive) lists the records; each record's data starts after its *own*
-local header, whose extra field may differ from the directory's (torch pads it to align
-storages to 64 bytes). Pickles and storages are stored uncompressed, as torch writes them. CRCs
-are not checked: torch can save with CRC computation turned off.
+torch reads these archives with miniz, not with Python's :mod:`zipfile`, and the two
+disagree at the edges: miniz takes the *first* of two records with one name, accepts a
+zip64 locator that names disk 1, inflates deflated records, and never checks CRCs (torch
+can save with CRC computation turned off). So the directory is parsed here, with miniz's
+rules. Each record's data starts after its *own* local header, whose extra field may
+differ from the directory's (torch pads it to align storages to 64 bytes).
 """
 
 from __future__ import annotations
 
-import io
 import struct
-import zipfile
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
 
 from ._errors import CheckpointError
 from ._layout import Format, Layout, StorageRecord, validate
 from ._pickle_scan import ScanResult, scan
 from ._source import Source
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")
-_LOCAL_MAGIC = b"PK\x03\x04"
+LOCAL_MAGIC = b"PK\x03\x04"
+_CENTRAL_MAGIC = b"PK\x01\x02"
+_END_MAGIC = b"PK\x05\x06"
+_END64_LOCATOR_MAGIC = b"PK\x06\x07"
+_END64_MAGIC = b"PK\x06\x06"
 
+_LOCAL = struct.Struct("<4s22xHH")
+_CENTRAL = struct.Struct("<4s4xHH8xIIHHHH6xI")  # magic, flags, method, sizes, name/extra/comment lengths, disk, offset
+_END = struct.Struct("<4sHHHHIIH")
+_END64_LOCATOR = struct.Struct("<4sIQI")
+_END64 = struct.Struct("<4sQHHIIQQQQ")
+
+_STORED, _DEFLATED = 0, 8
+_ENCRYPTED_FLAGS = 0x0001 | 0x0020 | 0x0040  # encrypted, patch data, strong encryption: refused when read
+_MASKED = 0x2000  # an encrypted directory: miniz refuses the archive
+_U32_MAX = 0xFFFFFFFF
+_MAX_COMMENT = 0xFFFF
 # data.pkl of a huge model is a few MB; anything far beyond is not a checkpoint we should
 # hold in memory to scan.
 _MAX_PICKLE_BYTES = 1 << 30
+_INFLATE_CHUNK = 1 << 20
 
 
-class _SourceFile(io.RawIOBase):
-    """A read-only file view of a :class:`Source`, for :mod:`zipfile`'s directory parsing."""
+@dataclass(frozen=True)
+class ZipRecord:
+    """One member of the archive, as its first central-directory entry describes it."""
 
-    def __init__(self, source: Source) -> None:
-        self._source = source
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._source.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = max(0, min(len(buffer), self._source.size - self._pos))
-        self._source.readinto(memoryview(buffer)[:n], self._pos)
-        self._pos += n
-        return n
+    name: str
+    header_offset: int
+    method: int
+    compressed_size: int
+    size: int
+    flags: int = 0
 
 
 def is_zip(source: Source) -> bool:
-    """Whether the source ends with a zip directory (so prefixed archives count too)."""
-    return source.size >= 22 and zipfile.is_zipfile(_SourceFile(source))
+    """Whether the source starts with a zip local header (torch's own test, ``_is_zipfile``).
+
+    >>> from ckptd.formats import open_source
+    >>> is_zip(open_source(b"PK\\x03\\x04...")), is_zip(open_source(b"\\x80\\x02..."))
+    (True, False)
+    """
+    return source.size >= len(LOCAL_MAGIC) and source.read(0, len(LOCAL_MAGIC)) == LOCAL_MAGIC
 
 
-def read_records(source: Source) -> dict[str, tuple[int, int]]:
-    """Map each uncompressed record's name to ``(data_offset, size)`` in the file."""
-    try:
-        with zipfile.ZipFile(_SourceFile(source)) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
-        raise CheckpointError(source.name, f"corrupt zip directory ({exc})") from exc
-    records: dict[str, tuple[int, int]] = {}
-    for info in infos:
-        # TorchScript deflates its code records; those are torch.jit.load's to read. Only
-        # stored records (pickles, storages) are listed; a compressed one is "missing".
-        if info.compress_type == zipfile.ZIP_STORED:
-            records[info.filename] = (_data_offset(source, info), info.file_size)
+def has_zip_directory(source: Source) -> bool:
+    """Whether the source ends with a zip directory (an archive behind some other bytes)."""
+    return _find_end(source) is not None
+
+
+def _find_end(source: Source) -> int | None:
+    """Where the end-of-directory record starts: the last signature with room for the record."""
+    if source.size < _END.size:
+        return None
+    start = max(0, source.size - _END.size - _MAX_COMMENT)
+    tail = source.read(start, source.size - start)
+    position = tail.rfind(_END_MAGIC, 0, len(tail) - _END.size + len(_END_MAGIC))
+    return None if position < 0 else start + position
+
+
+def read_directory(source: Source) -> dict[str, ZipRecord]:
+    """Every record of the archive by name; of records sharing a name, the first (as torch).
+
+    Offsets are relative to the archive's start; an archive behind other bytes (not one
+    torch.load reads) is found from the end and its offsets shifted.
+    """
+    end = _find_end(source)
+    if end is None:
+        raise CheckpointError(source.name, "corrupt zip archive: no end of central directory record")
+    _, disk, cd_disk, count_here, count, cd_size, cd_offset, _ = _END.unpack(source.read(end, _END.size))
+    prefixed = not is_zip(source)
+    end64 = _read_end64(source, end, prefixed)
+    if end64 is not None:
+        disk, cd_disk, count_here, count, cd_size, cd_offset = end64
+    if count != count_here or (disk | cd_disk and (disk, cd_disk) != (1, 1)):
+        raise CheckpointError(source.name, "zip archive spans several disks: not supported (nor by torch)")
+    # an archive starting at byte 0 is read as torch does; one behind other bytes is shifted
+    shift = 0
+    if prefixed:
+        shift = end - cd_size - cd_offset - (_END64_LOCATOR.size + _END64.size if end64 is not None else 0)
+    cd_offset += shift
+    if cd_size < count * _CENTRAL.size or cd_offset < 0 or cd_offset + cd_size > source.size:
+        raise CheckpointError(source.name, "corrupt zip archive: the central directory lies outside the file")
+    directory = source.read(cd_offset, cd_size)
+    records: dict[str, ZipRecord] = {}
+    position = 0
+    for _ in range(count):
+        record, position = _central_entry(source, directory, position, disk, shift)
+        records.setdefault(record.name, record)
     return records
 
 
-def _data_offset(source: Source, info: zipfile.ZipInfo) -> int:
-    header = source.read(info.header_offset, _LOCAL_HEADER.size)
-    magic, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    if magic != _LOCAL_MAGIC:
-        raise CheckpointError(source.name, f"record {info.filename!r} has no local header: corrupt zip")
-    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+def _read_end64(source: Source, end: int, prefixed: bool) -> tuple[int, int, int, int, int, int] | None:
+    """The zip64 end record's fields, when a locator points at one (miniz ignores its disk field).
+
+    Behind other bytes, the locator's offset is off by their length: the record is taken
+    from just before the locator instead.
+    """
+    if end < _END64_LOCATOR.size + _END64.size:
+        return None
+    magic, _disk, offset, disks = _END64_LOCATOR.unpack(source.read(end - _END64_LOCATOR.size, _END64_LOCATOR.size))
+    if magic != _END64_LOCATOR_MAGIC:
+        return None
+    if prefixed:
+        offset = end - _END64_LOCATOR.size - _END64.size
+    if offset > source.size - _END64.size:
+        raise CheckpointError(source.name, "corrupt zip archive: the zip64 locator points outside the file")
+    fields = _END64.unpack(source.read(offset, _END64.size))
+    if fields[0] != _END64_MAGIC:
+        return None
+    _, record_size, _, _, disk, cd_disk, count_here, count, cd_size, cd_offset = fields
+    if record_size < _END64.size - 12:
+        raise CheckpointError(source.name, "corrupt zip archive: zip64 end record too short")
+    if disks != 1:
+        raise CheckpointError(source.name, "zip archive spans several disks: not supported (nor by torch)")
+    return disk, cd_disk, count_here, count, cd_size, cd_offset
 
 
-def archive_prefix(records: dict[str, tuple[int, int]], name: str) -> str:
+def _central_entry(source: Source, directory: bytes, position: int, disk: int, shift: int) -> tuple[ZipRecord, int]:
+    if position + _CENTRAL.size > len(directory):
+        raise CheckpointError(source.name, "corrupt zip archive: central directory truncated")
+    magic, flags, method, compressed, size, name_len, extra_len, comment_len, entry_disk, offset = _CENTRAL.unpack_from(
+        directory, position
+    )
+    if magic != _CENTRAL_MAGIC:
+        raise CheckpointError(source.name, f"corrupt zip archive: bad central directory entry at {position}")
+    name_at = position + _CENTRAL.size
+    following = name_at + name_len + extra_len + comment_len
+    if following > len(directory):
+        raise CheckpointError(source.name, "corrupt zip archive: central directory entry overruns the directory")
+    name = directory[name_at : name_at + name_len].decode("utf-8", "surrogateescape")
+    if _U32_MAX in (compressed, size, offset):
+        size, compressed, offset = _zip64_extra(directory[name_at + name_len : name_at + name_len + extra_len], size, compressed, offset)
+    elif (method == _STORED and size != compressed) or (size and not compressed):
+        raise CheckpointError(source.name, f"corrupt zip archive: record {name!r} has inconsistent sizes")
+    if entry_disk == 0xFFFF or (entry_disk != disk and entry_disk != 1):
+        raise CheckpointError(source.name, "zip archive spans several disks: not supported (nor by torch)")
+    if flags & _MASKED:
+        raise CheckpointError(source.name, f"record {name!r} is encrypted: not a torch checkpoint")
+    offset += shift
+    if offset + _LOCAL.size + compressed > source.size:
+        raise CheckpointError(source.name, f"record {name!r} lies outside the file: truncated or corrupt")
+    return ZipRecord(name, offset, method, compressed, size, flags), following
+
+
+def _zip64_extra(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
+    """The zip64 extra field's values for the fields that hold 0xFFFFFFFF, in the spec's order."""
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, at)
+        body = extra[at + 4 : at + 4 + length]
+        if tag == 1:
+            values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
+            fields = [size, compressed, offset]
+            for i, field in enumerate(fields):
+                if field == _U32_MAX and values:
+                    fields[i] = values.pop(0)
+            return fields[0], fields[1], fields[2]
+        at += 4 + length
+    return size, compressed, offset
+
+
+def data_offset(source: Source, record: ZipRecord) -> int:
+    """Where a record's (stored or compressed) bytes start: after its own local header."""
+    if record.flags & _ENCRYPTED_FLAGS:
+        raise CheckpointError(source.name, f"record {record.name!r} is encrypted: not a torch checkpoint")
+    magic, name_len, extra_len = _LOCAL.unpack(source.read(record.header_offset, _LOCAL.size))
+    if magic != LOCAL_MAGIC:
+        raise CheckpointError(source.name, f"record {record.name!r} has no local header: corrupt zip")
+    start = record.header_offset + _LOCAL.size + name_len + extra_len
+    if start + record.compressed_size > source.size:
+        raise CheckpointError(source.name, f"record {record.name!r} lies outside the file: truncated or corrupt")
+    return start
+
+
+def archive_prefix(directory: dict[str, ZipRecord], name: str) -> str:
     """The top directory every record lives under (torch names it after the file)."""
-    for record in records:
+    for record in directory:
         prefix, sep, _ = record.partition("/")
         if sep:
             return prefix
     raise CheckpointError(name, "zip archive holds no torch records (no data.pkl)")
 
 
-def read_record(source: Source, records: dict[str, tuple[int, int]], name: str) -> bytes:
-    """The bytes of one record."""
-    offset, size = records[name]
-    if size > _MAX_PICKLE_BYTES:
-        raise CheckpointError(source.name, f"record {name!r} is implausibly large ({size} bytes)")
-    return source.read(offset, size)
+def read_record(source: Source, record: ZipRecord) -> bytes:
+    """The (inflated) bytes of one small record: a pickle, the byte order, a version."""
+    if record.size > _MAX_PICKLE_BYTES:
+        raise CheckpointError(source.name, f"record {record.name!r} is implausibly large ({record.size} bytes)")
+    out = bytearray(record.size)
+    inflate_into(source, record.method, data_offset(source, record), record.compressed_size, memoryview(out), record.name)
+    return bytes(out)
+
+
+def inflate_into(source: Source, method: int, offset: int, compressed: int, out: memoryview, name: str) -> None:
+    """Fill ``out`` with a record's data: copied if stored, inflated if deflated (exactly its size)."""
+    if method == _STORED:
+        source.readinto(out[: min(len(out), compressed)], offset)
+        return
+    if method != _DEFLATED:
+        raise CheckpointError(source.name, f"record {name!r} uses compression method {method}: not supported (nor by torch)")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    done = 0
+    try:
+        for start in range(offset, offset + compressed, _INFLATE_CHUNK):
+            chunk = source.read(start, min(_INFLATE_CHUNK, offset + compressed - start))
+            while chunk and not inflater.eof:
+                piece = inflater.decompress(chunk, len(out) - done + 1)
+                if done + len(piece) > len(out):
+                    raise CheckpointError(source.name, f"record {name!r} inflates past its size: corrupt")
+                out[done : done + len(piece)] = piece
+                done += len(piece)
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise CheckpointError(source.name, f"record {name!r} does not inflate ({exc}): corrupt") from exc
+    if done != len(out) or not inflater.eof:
+        raise CheckpointError(source.name, f"record {name!r} inflates to {done} bytes, not {len(out)}: corrupt")
+
+
+def inflate_storage(source: Source, record: StorageRecord) -> bytearray:
+    """The bytes of a storage kept in a deflated record (``record.compressed_size`` is set).
+
+    >>> import io, torch, zipfile
+    >>> buf = io.BytesIO(); torch.save(torch.arange(4.0), buf)
+    >>> old, out = zipfile.ZipFile(buf), io.BytesIO()
+    >>> with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as new:
+    ...     for info in old.infolist(): new.writestr(info.filename, old.read(info))
+    >>> from ckptd.formats import open_source, read_layout
+    >>> src = open_source(out.getvalue()); record = read_layout(src).storages["0"]
+    >>> record.compressed_size < record.nbytes, bytes(inflate_storage(src, record)[:4])
+    (True, b'\x00\x00\x00\x00')
+    """
+    assert record.compressed_size is not None
+    out = bytearray(record.inflated_size)
+    inflate_into(source, _DEFLATED, record.offset, record.compressed_size, memoryview(out), record.key)
+    del out[record.nbytes :]
+    return out
 
 
 def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
@@ -109,52 +269,90 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
     >>> read_zip_layout(open_source(buf.getvalue())).tensors[0].name
     'w'
     """
-    records = read_records(source)
-    prefix = archive_prefix(records, source.name)
-    is_script = f"{prefix}/constants.pkl" in records
-    pickle_record = f"{prefix}/{pickle_name}"
-    if pickle_record not in records:
+    directory = read_directory(source)
+    prefix = archive_prefix(directory, source.name)
+    is_script = f"{prefix}/constants.pkl" in directory
+    pickle_record = directory.get(f"{prefix}/{pickle_name}")
+    if pickle_record is None:
         raise CheckpointError(source.name, f"zip archive has no {pickle_name} record: not a torch checkpoint")
-    pickle_bytes = read_record(source, records, pickle_record)
+    pickle_bytes = read_record(source, pickle_record)
     result = scan(pickle_bytes, source.name)
+    records = {name: (data_offset(source, r), r.size) for name, r in directory.items()}
+    storages = _storage_records(source.name, result, directory, records, prefix)
+    byteorder, recorded = _byteorder(source, directory, prefix)
     layout = Layout(
         name=source.name,
         format=Format.TORCHSCRIPT if is_script else Format.TORCH_ZIP,
         size=source.size,
-        storages=_storage_records(source.name, result, records, prefix),
+        storages=storages,
         tensors=tuple(result.tensors),
         pickle=pickle_bytes,
-        byteorder=_byteorder(source, records, prefix),
+        byteorder=byteorder,
+        byteorder_recorded=recorded,
         records=records,
         prefix=prefix,
+        end=_end(storages, records[pickle_record.name], pickle_record),
     )
     validate(layout)
     return layout
 
 
+def _end(storages: dict[str, StorageRecord], pickle_span: tuple[int, int], pickle_record: ZipRecord) -> int:
+    """Where torch.load leaves a stream: after the last storage it read (in the pickle's order),
+    else after the pickle itself."""
+    for record in reversed(list(storages.values())):
+        if record.nbytes:
+            return record.offset + (record.compressed_size if record.compressed_size is not None else record.nbytes)
+    return pickle_span[0] + pickle_record.compressed_size
+
+
 def _storage_records(
-    name: str, result: ScanResult, records: dict[str, tuple[int, int]], prefix: str
+    name: str, result: ScanResult, directory: dict[str, ZipRecord], records: dict[str, tuple[int, int]], prefix: str
 ) -> dict[str, StorageRecord]:
     storages: dict[str, StorageRecord] = {}
     for ref in result.storages.values():
-        record = f"{prefix}/data/{ref.key}"
-        if record not in records:
-            raise CheckpointError(name, f"storage {ref.key!r} has no record {record!r}: truncated or corrupt")
-        offset, size = records[record]
+        record_name = f"{prefix}/data/{ref.key}"
+        if record_name not in records:
+            raise CheckpointError(name, f"storage {ref.key!r} has no record {record_name!r}: truncated or corrupt")
+        offset, size = records[record_name]
         nbytes = ref.numel * ref.dtype.itemsize
         if size < nbytes:
             raise CheckpointError(
                 name, f"storage {ref.key!r} needs {nbytes} bytes but its record holds {size}: corrupt"
             )
-        storages[ref.key] = StorageRecord(ref.key, ref.dtype, ref.numel, ref.location, offset, nbytes)
+        entry = directory[record_name]
+        compressed = None if entry.method == _STORED or not nbytes else entry.compressed_size
+        if compressed is not None and entry.method != _DEFLATED:
+            raise CheckpointError(name, f"record {record_name!r} uses compression method {entry.method}: not supported (nor by torch)")
+        storages[ref.key] = StorageRecord(
+            ref.key, ref.dtype, ref.numel, ref.location, offset, nbytes, compressed_size=compressed, inflated_size=size
+        )
     return storages
 
 
-def _byteorder(source: Source, records: dict[str, tuple[int, int]], prefix: str) -> str:
-    record = f"{prefix}/byteorder"
-    if record not in records:
-        return "little"  # torch's default load endianness for files without the record
-    order = read_record(source, records, record)
+def _byteorder(source: Source, directory: dict[str, ZipRecord], prefix: str) -> tuple[str, bool]:
+    """The storages' byte order and whether the file records it (else torch's load setting decides)."""
+    record = directory.get(f"{prefix}/byteorder")
+    if record is None:
+        return default_load_byteorder(), False
+    order = read_record(source, record)
     if order not in (b"little", b"big"):
         raise CheckpointError(source.name, f"unknown byteorder record {order[:16]!r}")
-    return order.decode()
+    return order.decode(), True
+
+
+def default_load_byteorder() -> str:
+    """The byte order torch.load assumes for files without a ``byteorder`` record.
+
+    ``torch.serialization.set_default_load_endianness`` decides: little unless set to
+    ``BIG``, or to ``NATIVE`` on a big-endian host.
+
+    >>> default_load_byteorder()
+    'little'
+    """
+    setting = torch.serialization.get_default_load_endianness()
+    if setting is torch.serialization.LoadEndianness.BIG:
+        return "big"
+    if setting is torch.serialization.LoadEndianness.NATIVE:
+        return sys.byteorder
+    return "little"

@@ -198,7 +198,8 @@ class Cache:
             gpu = self._gpu_targets(layout, keys, map_location, devices)
             on_gpu = {k for ks in gpu.values() for k in ks}
             swap = layout.byteorder != sys.byteorder  # GPU copies come from the host copy, swapped there
-            fresh = self._make_resident(entry, layout, [k for k in keys if k not in on_gpu or swap])
+            hosted = [k for k in keys if k not in on_gpu or swap or layout.storages[k].compressed_size is not None]
+            fresh = self._make_resident(entry, layout, hosted)  # (and so do inflated ones)
             for uuid, gpu_keys in gpu.items():
                 fresh = self._place_on_gpu(entry, layout, uuid, gpu_keys) or fresh
             self._count(entry, fresh)

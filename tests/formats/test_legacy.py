@@ -243,3 +243,26 @@ def test_plain_pickle_is_not_a_checkpoint() -> None:
     with pytest.raises(CheckpointError, match="<bytes>"):
         with open_source(pickle.dumps({"a": 1}, protocol=2)) as source:
             read_layout(source)
+
+
+def test_uint8_checkpoint_holding_an_end_of_directory_record_is_legacy(tmp_path: Path) -> None:
+    """torch sniffs a zip by its first bytes; Python's zipfile.is_zipfile would call this a zip."""
+    import zipfile
+
+    tensor = torch.frombuffer(bytearray(b"PK\x05\x06" + bytes(18)), dtype=torch.uint8)
+    path = _save({"t": tensor}, tmp_path / "pk.pt")
+    assert zipfile.is_zipfile(path)
+    with open_source(str(path)) as source:
+        assert sniff(source) is Format.TORCH_LEGACY
+    assert_layout_matches(path, layout_of(path), torch.load(path, weights_only=True))
+
+
+def test_end_is_just_past_the_last_storage(tmp_path: Path) -> None:
+    """Where torch.load leaves a stream: the checkpoint's end, so what follows reads on."""
+    path = _save(_sample(), tmp_path / "sample.pt")
+    with open(path, "ab") as f:
+        f.write(b"trailing bytes")
+    layout = layout_of(path)
+    assert layout.end == path.stat().st_size - len(b"trailing bytes")
+    last = max(layout.storages.values(), key=lambda r: r.offset)
+    assert layout.end == last.offset + last.nbytes

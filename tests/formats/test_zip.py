@@ -21,6 +21,7 @@ import torch
 
 from ckptd.formats import (
     CheckpointError,
+    inflate_storage,
     CheckpointNotFoundError,
     Format,
     UnsupportedFormatError,
@@ -585,16 +586,80 @@ def test_zip_without_torch_records(tmp_path: Path) -> None:
             read_layout(source)
 
 
-def test_zip_with_compressed_data_pkl(tmp_path: Path) -> None:
-    raw = _save({"x": torch.ones(3)}, tmp_path / "orig.pt").read_bytes()
+def test_zip_with_deflated_records_reads_like_miniz(tmp_path: Path) -> None:
+    """torch (miniz) inflates deflated records; their storages' bytes come out equal."""
+    raw = _save({"x": torch.arange(300.0), "y": torch.zeros(50, dtype=torch.int64)}, tmp_path / "orig.pt").read_bytes()
     zin = zipfile.ZipFile(io.BytesIO(raw))
     path = tmp_path / "deflated.pt"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info))
-    with pytest.raises(CheckpointError, match="deflated.pt"):
-        with open_source(str(path)) as source:
-            read_layout(source)
+    loaded = torch.load(path, weights_only=True)
+    with open_source(str(path)) as source:
+        layout = read_layout(source)
+        for name, tensor in loaded.items():
+            record = layout.storages[layout.tensor_map()[name].storage_keys[0]]
+            assert record.compressed_size is not None and record.compressed_size < record.nbytes
+            assert bytes(inflate_storage(source, record)) == tensor_storage_bytes(tensor)
+    assert layout.byteorder == "little" and layout.byteorder_recorded
+
+
+def test_zip_with_unknown_compression_method_is_checkpoint_error(tmp_path: Path) -> None:
+    raw = _save({"x": torch.ones(3)}, tmp_path / "orig.pt").read_bytes()
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_BZIP2) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    path = tmp_path / "bzip2.pt"
+    path.write_bytes(out.getvalue())
+    with pytest.raises(Exception):  # noqa: B017,PT011 - miniz has no bzip2
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match="compression method 12"):
+        layout_of(path)
+
+
+def test_duplicate_record_names_first_wins(tmp_path: Path) -> None:
+    buf = io.BytesIO(_save({"x": torch.arange(4.0)}, tmp_path / "orig.pt").read_bytes())
+    with zipfile.ZipFile(buf, "a") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("orig/data/0", struct.pack("<4f", 9, 9, 9, 9))
+    path = tmp_path / "dup.pt"
+    path.write_bytes(buf.getvalue())
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["x"], torch.arange(4.0))  # torch (miniz) takes the first
+    assert_layout_matches(path, layout_of(path), loaded)
+
+
+def test_zip64_locator_naming_disk_1(tmp_path: Path) -> None:
+    raw = bytearray(_save(_sample(), tmp_path / "orig.pt").read_bytes())
+    at = raw.rfind(b"PK\x06\x07")
+    raw[at + 4 : at + 8] = struct.pack("<I", 1)
+    path = tmp_path / "disk1.pt"
+    path.write_bytes(raw)
+    with pytest.raises(zipfile.BadZipFile, match="span multiple disks"):
+        zipfile.ZipFile(path)
+    assert_layout_matches(path, layout_of(path), torch.load(path, weights_only=True))
+
+
+@pytest.mark.parametrize("disks", [2, 0])
+def test_zip64_locator_counting_other_than_one_disk_is_refused_as_by_torch(tmp_path: Path, disks: int) -> None:
+    raw = bytearray(_save(_sample(), tmp_path / "orig.pt").read_bytes())
+    at = raw.rfind(b"PK\x06\x07")
+    raw[at + 16 : at + 20] = struct.pack("<I", disks)
+    path = tmp_path / "disks.pt"
+    path.write_bytes(raw)
+    with pytest.raises(RuntimeError):
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match="disks"):
+        layout_of(path)
+
+
+def test_sniffed_as_zip_only_by_its_local_header(tmp_path: Path) -> None:
+    """A file starting with PK\\x03\\x04 is a zip; an end-of-directory record elsewhere proves nothing."""
+    with open_source(b"PK\x03\x04" + bytes(40)) as source:
+        assert sniff(source) is Format.TORCH_ZIP
+    with open_source(b"\x80\x02" + b"PK\x05\x06" + bytes(30)) as source:
+        assert sniff(source) is Format.TORCH_LEGACY
 
 
 def test_missing_file_is_not_found(tmp_path: Path) -> None:
