@@ -30,7 +30,7 @@ from ckptd.formats import FileLike, Format, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
 from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
-from ._load import keys_of, load_shards, make_request, rebuild, sharded_plan, wanted_entries
+from ._load import check_daemon_load, keys_of, load_shards, make_request, rebuild, sharded_plan, wanted_entries
 from ._manifest import ArenaInfo, Manifest
 from ._placement import MapLocation, restore, target_tag
 from ._select import Select
@@ -104,6 +104,7 @@ class Client:
         A callable ``map_location`` is applied here, once per storage, to the shared CPU storage.
         """
         request = make_request(map_location, pickle_module, weights_only, mmap, None, pickle_load_args)
+        check_daemon_load(request)
         if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
             return self._load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix,
                                       select, pickle_load_args)
@@ -112,6 +113,11 @@ class Client:
         if layout.format is Format.TORCHSCRIPT:
             self._release(manifest.lease)
             raise UsageError(f"{manifest.path} is a TorchScript archive: load it with Client.jit_load")
+        try:
+            check_daemon_load(request, layout)
+        except UsageError:
+            self._release(manifest.lease)
+            raise
         wanted = wanted_entries(layout, tensor_name, prefix, select)
         keys = list(layout.storages) if wanted is None else keys_of(wanted)
 

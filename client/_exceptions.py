@@ -8,6 +8,7 @@ instance of that type, so ``except RuntimeError`` written for torch.load keeps w
     │   ├── UnsupportedFormatError      well-formed, but a format or variant ckptd does not read
     │   └── CheckpointNotFoundError     no such file (also FileNotFoundError)
     ├── NotSeekableError                a stream that cannot seek (also io.UnsupportedOperation)
+    ├── NotFileLikeError                no seek, tell or read: not a file-like object (also AttributeError)
     ├── TensorNotFoundError             a selected name is absent; lists near matches (also LookupError)
     ├── DeviceError                     a map_location target that does not exist (also RuntimeError)
     ├── UnpicklingError                 weights_only refused a global (also pickle.UnpicklingError)
@@ -32,6 +33,7 @@ from ckptd.formats import (
     CheckpointError,
     CheckpointNotFoundError,
     CkptdError,
+    NotFileLikeError,
     NotSeekableError,
     TensorNotFoundError,
     UnsupportedFormatError,
@@ -95,6 +97,7 @@ __all__ = [
     "DeviceError",
     "LeaseLostError",
     "ModelMismatchError",
+    "NotFileLikeError",
     "NotSeekableError",
     "OverBudgetError",
     "PathNotAllowedError",

@@ -28,6 +28,7 @@ from ckptd.formats import (
     Layout,
     Source,
     TensorEntry,
+    default_load_byteorder,
     is_sharded_index,
     open_source,
     read_layout,
@@ -103,7 +104,9 @@ def load(
             return _torchscript_via_load(f, source, map_location, request.weights_only)
         if request.mmap:
             _check_mmap(f, layout)
-        return _load_layout(source, layout, request, tensor_name, prefix, select)
+        result = _load_layout(source, layout, request, tensor_name, prefix, select)
+        source.settle(layout.end)  # a stream is left where torch.load leaves it
+        return result
 
 
 def _read_layout(source: Source, weights_only: bool) -> Layout:
@@ -138,6 +141,7 @@ class Request:
     mmap: bool
     progress: Progress | None
     pickle_load_args: dict[str, Any]
+    skip_data: bool = False  # inside torch.serialization.skip_data(): storages are left unread
 
 
 def make_request(
@@ -148,12 +152,43 @@ def make_request(
     progress: Progress | None,
     pickle_load_args: dict[str, Any],
 ) -> Request:
-    """Resolve torch.load's options as torch does: defaults, environment, warnings, checks."""
+    """Resolve torch.load's options as torch does: defaults, environment, warnings, checks.
+
+    What torch.load does under a fake tensor mode (fake tensors, no data) ckptd does not:
+    it refuses rather than return something else.
+    """
+    if torch._guards.detect_fake_mode(None) is not None:
+        raise UsageError(
+            "loading under a FakeTensorMode (fake tensors, no data) is not supported by ckptd: use torch.load"
+        )
     weights_only, module = _resolve_weights_only(weights_only, pickle_module)
     if pickle_load_args and weights_only:
         warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=3)
     args = {"encoding": "utf-8", **pickle_load_args}
-    return Request(map_location, module, weights_only, _default_mmap() if mmap is None else mmap, progress, args)
+    mmap = _default_mmap() if mmap is None else mmap
+    return Request(map_location, module, weights_only, mmap, progress, args, skip_data=_skip_data())
+
+
+def _skip_data() -> bool:
+    """Whether the caller is inside ``torch.serialization.skip_data()`` (torch 2.5+)."""
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    return bool(getattr(tls, "skip_data", False))
+
+
+def check_daemon_load(request: Request, layout: Layout | None = None) -> None:
+    """Refuse what a load through the daemon cannot do as torch.load would.
+
+    The daemon reads every storage (``skip_data`` leaves them unread), and it reads files
+    without a ``byteorder`` record in its own default load endianness, not this process's.
+    """
+    if request.skip_data:
+        raise UsageError("torch.serialization.skip_data() is not supported by ckptd through a daemon: load without server=")
+    if layout is not None and not layout.byteorder_recorded and layout.byteorder != default_load_byteorder():
+        raise UsageError(
+            f"{layout.name} has no byteorder record and torch.serialization.get_default_load_endianness() "
+            f"asks for {default_load_byteorder()}-endian storages, but the daemon read them as {layout.byteorder}-endian: "
+            "not supported by ckptd through a daemon; load without server="
+        )
 
 
 def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType | None) -> tuple[bool, ModuleType]:
@@ -205,7 +240,8 @@ def _load_layout(
     if layout.format is Format.SAFETENSORS:
         _check_safetensors_map_location(request.map_location)
     storages = read_storages(
-        source, layout, keys, request.map_location, mmap=request.mmap, progress=request.progress, wait=False
+        source, layout, keys, request.map_location, mmap=request.mmap and not request.skip_data,
+        progress=request.progress, wait=False, skip_data=request.skip_data,
     )
     return rebuild(layout, storages, request, tensor_name is not None, wanted)
 

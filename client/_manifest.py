@@ -101,6 +101,7 @@ def layout_to_json(layout: Layout) -> dict[str, Any]:
         "format": layout.format.value,
         "size": layout.size,
         "byteorder": layout.byteorder,
+        "byteorder_recorded": layout.byteorder_recorded,
         "pickle": base64.b64encode(layout.pickle).decode() if layout.pickle is not None else None,
         "storages": [
             [r.key, dtype_name(r.dtype), r.numel, r.location, r.offset, r.nbytes] for r in layout.storages.values()
@@ -145,5 +146,6 @@ def layout_from_json(body: Mapping[str, Any]) -> Layout:
     )
     pickle = base64.b64decode(body["pickle"]) if body["pickle"] is not None else None
     return Layout(
-        body["name"], Format(body["format"]), body["size"], storages, tensors, pickle, body["byteorder"]
+        body["name"], Format(body["format"]), body["size"], storages, tensors, pickle, body["byteorder"],
+        byteorder_recorded=bool(body.get("byteorder_recorded", True)),
     )

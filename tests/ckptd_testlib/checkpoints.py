@@ -461,8 +461,12 @@ def rewrite_zip(raw: bytes, transform: Callable[[str, bytes], bytes | None]) -> 
     return out.getvalue()
 
 
-def to_big_endian(raw: bytes) -> bytes:
-    """A little-endian torch zip checkpoint rewritten as if saved on a big-endian host."""
+def to_big_endian(raw: bytes, *, record: bool = True) -> bytes:
+    """A little-endian torch zip checkpoint rewritten as if saved on a big-endian host.
+
+    ``record=False`` drops the ``byteorder`` record too (but torch 2.13's writer adds one
+    back at the end: strip it with :mod:`zipfile` for a file that has none).
+    """
     zin = zipfile.ZipFile(io.BytesIO(raw))
     pkl = next(n for n in zin.namelist() if n.endswith("/data.pkl"))
     scan = _StorageScan(zin.read(pkl))
@@ -470,10 +474,10 @@ def to_big_endian(raw: bytes) -> bytes:
         warnings.simplefilter("ignore")
         scan.load()
 
-    def transform(name: str, data: bytes) -> bytes:
+    def transform(name: str, data: bytes) -> bytes | None:
         if name == "byteorder":
             assert data == b"little"
-            return b"big"
+            return b"big" if record else None
         if name.startswith("data/"):
             key = name[len("data/"):]
             if not data:
