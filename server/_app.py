@@ -37,12 +37,13 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ckptd
@@ -62,6 +63,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/healthz"})
 SESSION_HEARTBEAT_S = 5.0
+MAX_PATH = 4096  # Linux's PATH_MAX: nothing longer can be opened, so nothing longer is resolved
+MAX_NAME = 4096  # tensor names, prefixes, select entries
+MAX_TAG = 64  # a location tag ("cuda:7", "cpu")
+MAX_ID = 64  # lease and session ids (ckptd makes 22-character ones)
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,22 +109,56 @@ class CacheService(Protocol):
 # ---------------------------------------------------------------------------------------
 
 
+def check_path(value: str) -> str:
+    """A path as the daemon accepts it: no NUL byte, at most :data:`MAX_PATH` bytes encoded.
+
+    Checked before anything resolves it: resolving costs a system call per component.
+
+    >>> check_path("/m/a.pt")
+    '/m/a.pt'
+    >>> check_path("/m/a\\x00.pt")
+    Traceback (most recent call last):
+    ...
+    ValueError: a path cannot contain a NUL byte
+    """
+    if "\x00" in value:
+        raise ValueError("a path cannot contain a NUL byte")
+    if len(value) > MAX_PATH or len(value.encode("utf-8", "surrogateescape")) > MAX_PATH:
+        raise ValueError(f"a path is at most {MAX_PATH} bytes (PATH_MAX)")
+    return value
+
+
+# Lengths are checked by pydantic's core before any validator runs, so a megabyte-long path
+# costs microseconds; the NUL check then reads at most MAX_PATH characters.
+CheckedPath = Annotated[str, Field(max_length=MAX_PATH), AfterValidator(check_path)]
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG)]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
+
+
 class LoadRequest(BaseModel):
     """``POST /v1/load``: what to load, and how (``ckptd.load``'s selective arguments)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str
-    map_location: str | dict[str, str] | None = None
-    tensor_name: str | None = None
-    prefix: str | None = None
-    select: str | list[str] | None = None
-    devices: dict[str, str] | None = Field(
+    path: CheckedPath
+    map_location: Tag | Annotated[dict[Tag, Tag], Field(max_length=1024)] | None = None
+    tensor_name: Name | None = None
+    prefix: Name | None = None
+    select: Name | list[Name] | None = None
+    devices: Annotated[dict[Tag, Annotated[str, Field(max_length=256)]], Field(max_length=1024)] | None = Field(
         default=None, description="the client's GPUs, cuda:N -> UUID, so cuda:N means the client's GPU"
     )
-    session: str | None = Field(
-        default=None, max_length=64, description="the client's session (GET /v1/sessions/{id}): leases end with it"
+    session: Id | None = Field(
+        default=None, description="the client's session (GET /v1/sessions/{id}): leases end with it"
     )
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> LoadRequest:
+        # refused here, before any lease: the client would refuse the manifest anyway
+        if self.tensor_name is not None and self.select is not None:
+            raise ValueError("pass either tensor_name or select, not both")
+        return self
 
 
 class PrefetchRequest(BaseModel):
@@ -127,7 +166,7 @@ class PrefetchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str
+    path: CheckedPath
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,7 +373,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         return JSONResponse(manifest.to_json())
 
     @app.get("/v1/sessions/{session}", tags=["load"], summary="Hold a session open; its leases end when it closes")
-    async def watch_session(session: str) -> StreamingResponse:
+    async def watch_session(session: Annotated[str, PathParam(max_length=MAX_ID)]) -> StreamingResponse:
         """A line every few seconds for as long as the client keeps the connection; when it
         drops (the client died, even by SIGKILL), the session's leases are released."""
 
@@ -350,11 +389,11 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         return StreamingResponse(heartbeat(), media_type="text/plain")
 
     @app.post("/v1/leases/{lease}/renew", tags=["load"], summary="Extend a lease")
-    def renew(lease: str) -> dict[str, Any]:
+    def renew(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> dict[str, Any]:
         return {"lease": lease, "expires_in": cache.renew(lease)}
 
     @app.delete("/v1/leases/{lease}", tags=["load"], status_code=204, summary="Release a lease (idempotent)")
-    def release(lease: str) -> Response:
+    def release(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> Response:
         cache.release(lease)
         return Response(status_code=204)
 
@@ -369,7 +408,7 @@ def _add_admin_routes(app: FastAPI, cache: CacheService, settings: Settings) -> 
         return JSONResponse([info.to_json() for info in cache.checkpoints()])
 
     @app.delete("/v1/checkpoints", tags=["cache"], summary="Evict a checkpoint by id or path")
-    def evict(ident: str) -> JSONResponse:
+    def evict(ident: Annotated[str, Query(max_length=MAX_PATH), AfterValidator(check_path)]) -> JSONResponse:
         return JSONResponse(cache.evict(ident).to_json())
 
     @app.get("/v1/stats", tags=["cache"], summary="Cache totals and daemon facts")

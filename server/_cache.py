@@ -186,13 +186,13 @@ class Cache:
         table) when the daemon has GPUs; everything else stays in host memory and the
         client places it. The lease belongs to ``session`` when given (see :meth:`end_session`).
         """
-        _check_map_location(map_location)
+        _check_map_location(map_location)  # every argument is checked before any I/O or lease
+        if tensor_name is not None and select is not None:
+            raise UsageError("pass either tensor_name= or select=, not both")
         started = time.perf_counter()
         entry = self._entry_for(path)
         with entry.lock, self._forget_on_failure(entry):
             layout = self._layout(entry)
-            if tensor_name is not None and select is not None:
-                select = None  # tensor_name wins, as in the client
             wanted = wanted_entries(layout, tensor_name, prefix, select)
             keys = list(layout.storages) if wanted is None else keys_of(wanted)
             gpu = self._gpu_targets(layout, keys, map_location, devices)
@@ -224,6 +224,7 @@ class Cache:
 
     def evict(self, ident: str) -> CheckpointInfo:
         """Drop a checkpoint (by id or path) that no lease holds."""
+        _check_path(ident)
         with self._lock:
             entry = self._entries.get(ident) or self._entries.get(self._current.get(os.path.realpath(ident), ""))
             if entry is None:
@@ -345,6 +346,7 @@ class Cache:
 
     def _resolve(self, path: str) -> tuple[str, Identity]:
         """The real path (symlinks and ``..`` resolved), checked against the roots, and its identity."""
+        _check_path(path)
         real = os.path.realpath(path)
         if not any(Path(real).is_relative_to(root) for root in self._roots):
             roots = ", ".join(map(str, self._roots))
@@ -590,12 +592,33 @@ def _cuda_index(tag: str) -> int:
     return index
 
 
+MAX_PATH = 4096  # PATH_MAX
+
+
+def _check_path(path: str) -> None:
+    """Refuse what no file can be named, before resolving costs a system call per component."""
+    if "\x00" in path:
+        raise UsageError("a path cannot contain a NUL byte")
+    if len(path) > MAX_PATH or len(os.fsencode(path)) > MAX_PATH:
+        raise UsageError(f"a path is at most {MAX_PATH} bytes (PATH_MAX)")
+
+
 def _check_map_location(map_location: object) -> None:
-    """Only the JSON forms travel: a device string or a dict of location tags."""
-    if map_location is None or isinstance(map_location, str):
-        if isinstance(map_location, str):
-            target_tag(map_location, "cpu")
+    """Only the JSON forms travel (a device string or a dict of location tags), each tag a device torch can name.
+
+    Only the syntax is checked here: whether ``cuda:3`` exists is the client's question
+    (its GPUs), asked when it places the storages.
+    """
+    if map_location is None:
         return
-    if isinstance(map_location, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in map_location.items()):
-        return
-    raise UsageError("map_location must be a device string or a dict of location tags when sent to the daemon")
+    if isinstance(map_location, str):
+        tags = [map_location]
+    elif isinstance(map_location, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in map_location.items()):
+        tags = list(map_location.values())
+    else:
+        raise UsageError("map_location must be a device string or a dict of location tags when sent to the daemon")
+    for tag in tags:
+        try:
+            torch.device(tag)
+        except RuntimeError as exc:
+            raise DeviceError(f"map_location {tag!r} names no device: {exc}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,7 +160,6 @@ def test_load_passes_every_argument(client: TestClient, cache: FakeCache) -> Non
     body = {
         "path": "/m/a.pt",
         "map_location": {"cuda:1": "cuda:0"},
-        "tensor_name": "w",
         "prefix": "model",
         "select": ["a", "b"],
         "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"},
@@ -169,7 +169,7 @@ def test_load_passes_every_argument(client: TestClient, cache: FakeCache) -> Non
     assert response.status_code == 200
     assert response.json() == {"checkpoint": "ck1", "path": "/m/a.pt", "lease": "L1", "lease_ttl": 30.0}
     assert cache.calls == [
-        ("load", ("/m/a.pt",), {"map_location": {"cuda:1": "cuda:0"}, "tensor_name": "w", "prefix": "model", "select": ["a", "b"],
+        ("load", ("/m/a.pt",), {"map_location": {"cuda:1": "cuda:0"}, "tensor_name": None, "prefix": "model", "select": ["a", "b"],
                                 "devices": {"cuda:0": "GPU-5e1a0000-0000-4000-8000-000000000001"}, "session": "S1"})
     ]
 
@@ -500,3 +500,49 @@ def test_unexpected_exception_is_500_daemon_error(client: TestClient, cache: Fak
     response = client.get("/v1/stats")
     assert _error(response) == (500, "DaemonError")
     assert "boom" not in response.json()["error"]["message"]  # internals stay in the log
+
+
+# --- hostile input: refused before the cache sees it -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"path": "/m/a\x00.pt"},
+        {"path": "/m/a.pt", "tensor_name": "w", "select": ["w"]},
+        {"path": "/m/a.pt", "map_location": ""},
+        {"path": "/m/a.pt", "map_location": "x" * 65},
+        {"path": "/m/a.pt", "session": "s" * 65},
+    ],
+    ids=["nul", "tensor_name+select", "empty-tag", "long-tag", "long-session"],
+)
+def test_hostile_load_body_is_422_before_the_cache(client: TestClient, cache: FakeCache, body: dict[str, Any]) -> None:
+    response = client.post("/v1/load", json=body)
+    assert _error(response) == (422, "UsageError")
+    assert cache.calls == []
+
+
+def test_megabyte_path_is_refused_in_milliseconds(tmp_path: Path, socket_path: Path, cache: FakeCache, metrics: Metrics) -> None:
+    settings = load_settings(roots=[tmp_path], shm_dir=tmp_path, socket=socket_path, max_body_bytes=4 << 20)
+    path = "/a" * (1 << 19)  # 1 MiB, half a million components
+    with TestClient(create_app(cache, settings, metrics)) as app:
+        app.post("/v1/prefetch", json={"path": "/warm"})  # the first request builds the route's models
+        started = time.perf_counter()
+        responses = [app.post(route, json={"path": path}) for route in ("/v1/load", "/v1/prefetch")]
+        responses.append(app.delete("/v1/checkpoints", params={"ident": path[:10_000]}))  # a URL is shorter
+        elapsed = time.perf_counter() - started
+    assert [_error(r) for r in responses] == [(422, "UsageError")] * 3
+    assert all("4096" in r.json()["error"]["message"] for r in responses)
+    assert elapsed < 1.0, elapsed  # milliseconds each here; seconds of CPU per component walk before
+    assert [call[0] for call in cache.calls] == ["prefetch"]
+
+
+def test_nul_in_evict_ident_is_422(client: TestClient, cache: FakeCache) -> None:
+    assert _error(client.delete("/v1/checkpoints", params={"ident": "/m/a\x00"})) == (422, "UsageError")
+    assert cache.calls == []
+
+
+@pytest.mark.parametrize(("method", "url"), [("POST", "/v1/leases/{}/renew"), ("DELETE", "/v1/leases/{}"), ("GET", "/v1/sessions/{}")])
+def test_overlong_ids_are_422(client: TestClient, cache: FakeCache, method: str, url: str) -> None:
+    assert _error(client.request(method, url.format("L" * 65))) == (422, "UsageError")
+    assert cache.calls == []

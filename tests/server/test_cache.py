@@ -213,3 +213,35 @@ def test_end_session_releases_only_that_sessions_leases(tmp_path: Path) -> None:
         cache.renew(mine.lease)
     assert cache.renew(other.lease) == 30.0
     assert cache.end_session("s1") == 0  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"map_location": "foo"}, ckptd.DeviceError),
+        ({"map_location": "cuda:-1"}, ckptd.DeviceError),
+        ({"map_location": {"cpu": "cuda:x"}}, ckptd.DeviceError),
+        ({"map_location": 5}, ckptd.UsageError),
+        ({"tensor_name": "layer0", "select": ["layer1"]}, ckptd.UsageError),
+    ],
+    ids=["foo", "cuda:-1", "dict-value", "not-json", "tensor_name+select"],
+)
+def test_bad_arguments_are_refused_before_any_lease_or_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict, error: type
+) -> None:
+    _save(tmp_path / "m.pt", 1)
+    cache = Cache(_settings(tmp_path), None)
+    opened: list[str] = []
+    real = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    with pytest.raises(error):
+        cache.load(str(tmp_path / "m.pt"), **kwargs)
+    assert opened == [] and cache.leases.total() == 0 and cache.checkpoints() == []
+
+
+@pytest.mark.parametrize("path", ["/m/a\x00.pt", "/a" * 3000])
+def test_unnameable_paths_are_usage_errors(tmp_path: Path, path: str) -> None:
+    cache = Cache(_settings(tmp_path), None)
+    for call in (cache.load, cache.prefetch, cache.evict):
+        with pytest.raises(ckptd.UsageError):
+            call(path)
