@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TextIO
 
 import torch
@@ -336,7 +336,22 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         print(ready_line(urls), file=out, flush=True)
 
     server_api.Server(settings, on_ready=announce).serve()
-    return 0
+    _exit_now(0)
+    return 0  # not reached
+
+
+def _exit_now(status: int) -> None:
+    """End the daemon's process without tearing down its modules.
+
+    By now every arena is freed and the socket removed; what is left is the interpreter's
+    own teardown of torch and the server stack, which costs seconds on a busy host, while
+    an orchestrator expects a SIGTERMed daemon gone at once. Logs and output are flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 # ---------------------------------------------------------------------------------------

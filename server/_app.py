@@ -33,6 +33,7 @@ its thread pool. Nothing here touches CUDA.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -346,6 +347,7 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
     )
     app.state.started = time.monotonic()
     app.state.tcp = settings.tcp_url
+    app.state.stopping = asyncio.Event()  # set by end_sessions: session streams end, so shutdown waits for none
     _install_error_handlers(app)
     _add_load_routes(app, cache)
     _add_admin_routes(app, cache, settings)
@@ -356,6 +358,15 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
         open_paths = OPEN_PATHS | {"/metrics"} if settings.public_metrics else OPEN_PATHS
         app.add_middleware(TokenAuth, token=token, open_paths=open_paths)  # outermost: refuse before reading any body
     return app
+
+
+def end_sessions(app: FastAPI) -> None:
+    """End every session stream now (the daemon is stopping; call it in the app's event loop).
+
+    A session connection is a response that never ends by itself: without this, a clean
+    shutdown would wait out its grace period and then cancel each one.
+    """
+    app.state.stopping.set()
 
 
 def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
@@ -377,13 +388,16 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         """A line every few seconds for as long as the client keeps the connection; when it
         drops (the client died, even by SIGKILL), the session's leases are released."""
 
+        stopping: asyncio.Event = app.state.stopping
+
         async def heartbeat() -> AsyncIterator[bytes]:
             cache.begin_session(session)
             try:
-                while True:
+                while not stopping.is_set():
                     yield b"\n"
-                    await asyncio.sleep(SESSION_HEARTBEAT_S)
-            finally:  # cancelled when the peer disconnects
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), SESSION_HEARTBEAT_S)
+            finally:  # the daemon stops (the stream ends), or the peer disconnected (cancelled)
                 cache.end_session(session)
 
         return StreamingResponse(heartbeat(), media_type="text/plain")

@@ -31,7 +31,7 @@ from uvicorn.config import LOGGING_CONFIG
 from ckptd._exceptions import DaemonError, UsageError
 from ckptd.gpu import CudaDevices, Devices, SimulatedDevices
 
-from ._app import create_app
+from ._app import create_app, end_sessions
 from ._cache import Cache
 from ._config import Settings
 from ._devtier import DeviceTier
@@ -113,7 +113,7 @@ class Server:
         sockets = self._bind()
         reaper = threading.Thread(target=self._reap, name="ckptd-reaper", daemon=True)
         try:
-            self._uvicorn = _Uvicorn(self._uvicorn_config(), self._ready)
+            self._uvicorn = _Uvicorn(self._uvicorn_config(), self._ready, lambda: end_sessions(self.app))
             reaper.start()
             with _signals_survive_uvicorn():
                 self._uvicorn.run(sockets=sockets)
@@ -216,14 +216,19 @@ class Server:
 class _Uvicorn(uvicorn.Server):
     """uvicorn's server, telling us when its sockets accept connections."""
 
-    def __init__(self, config: uvicorn.Config, ready: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, ready: Callable[[], None], stopping: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_ready = ready
+        self._on_stopping = stopping
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             self._on_ready()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stopping()  # session streams end first, so only real requests are waited for
+        await super().shutdown(sockets=sockets)
 
 
 @contextmanager
