@@ -276,6 +276,7 @@ def bind_unix(path: Path) -> socket.socket:
     >>> sock.close(); path.unlink(); path.parent.rmdir()
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secure_socket_dir(path.parent)
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -287,6 +288,41 @@ def bind_unix(path: Path) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+def secure_socket_dir(folder: Path) -> None:
+    """Make sure no other user can unlink or replace a socket in ``folder``.
+
+    A directory another user owns (root aside) is refused: its owner could swap the socket
+    for their own. One that others may write to is refused too, unless it is sticky (like
+    ``/tmp``, where only a file's owner may unlink it); when it is ours, its mode is fixed
+    instead (group and other write bits cleared) and a warning says so.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp(prefix="ck", dir="/tmp")); folder.chmod(0o777)
+    >>> secure_socket_dir(folder)
+    >>> oct(folder.stat().st_mode & 0o777)
+    '0o755'
+    >>> folder.rmdir()
+    """
+    st = os.stat(folder)
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise UsageError(
+            f"{folder} belongs to another user (uid {st.st_uid}), who could replace the daemon's socket; "
+            "choose a --socket in a directory of your own"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & (stat.S_IWGRP | stat.S_IWOTH) or mode & stat.S_ISVTX:
+        return
+    if st.st_uid != me:
+        raise UsageError(
+            f"{folder} is writable by other users (mode {mode:o}), who could unlink or replace the daemon's socket; "
+            "choose a --socket in a directory of your own"
+        )
+    fixed = mode & ~(stat.S_IWGRP | stat.S_IWOTH)
+    os.chmod(folder, fixed)
+    logger.warning("%s was writable by other users (mode %o); its mode is now %o", folder, mode, fixed)
 
 
 def _clear_stale(path: Path) -> None:
