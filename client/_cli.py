@@ -317,6 +317,9 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
         "host_tier_budget": args.host_tier_budget,
         "shm_dir": args.shm_dir,
         "lease_ttl": args.lease_ttl,
+        "request_timeout": args.request_timeout,
+        "keep_alive_timeout": args.keep_alive_timeout,
+        "max_tcp_connections": args.max_tcp_connections,
         "log_level": args.log_level,
     }
 
@@ -574,6 +577,11 @@ def _add_serve(commands: Any) -> None:
     sub.add_argument("--host-tier-budget", metavar="SIZE", help="host memory for evicted GPU arenas (default 25%% of RAM)")
     sub.add_argument("--shm-dir", metavar="D", help="where CPU arenas live (default /dev/shm)")
     sub.add_argument("--lease-ttl", type=float, metavar="S", help="seconds a lease lives unrenewed (default 30)")
+    sub.add_argument("--request-timeout", type=float, metavar="S",
+                     help="seconds a request may take to arrive whole (default 10); slower connections are closed")
+    sub.add_argument("--keep-alive-timeout", type=float, metavar="S", help="seconds an idle connection stays open (default 5)")
+    sub.add_argument("--max-tcp-connections", type=int, metavar="N",
+                     help="TCP connections at once (default 64); the Unix socket is not limited")
     sub.add_argument("--log-level", metavar="LEVEL", help="critical, error, warning, info (default), debug, trace")
     sub.set_defaults(handler=cmd_serve)
 

@@ -24,6 +24,11 @@ host_tier_budget     CKPTD_HOST_TIER_BUDGET  25% of RAM: host copies of evicted 
 shm_dir              CKPTD_SHM_DIR           ``/dev/shm``
 lease_ttl            CKPTD_LEASE_TTL         30 seconds
 max_body_bytes       CKPTD_MAX_BODY_BYTES    1 MiB
+request_timeout      CKPTD_REQUEST_TIMEOUT   10 seconds for a request to arrive whole, counted
+                                             from its connection's opening or last response
+keep_alive_timeout   CKPTD_KEEP_ALIVE_TIMEOUT  5 seconds an idle connection stays open
+max_tcp_connections  CKPTD_MAX_TCP_CONNECTIONS  64 (more are closed at once; the Unix socket has
+                                             no limit, so local workers are never locked out)
 log_level            CKPTD_LOG_LEVEL         ``info``
 ===================  ======================  =============================================
 
@@ -177,6 +182,9 @@ class Settings(BaseSettings):
     shm_dir: Path = Path("/dev/shm")
     lease_ttl: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    request_timeout: float = Field(default=10.0, gt=0)
+    keep_alive_timeout: float = Field(default=5.0, gt=0)
+    max_tcp_connections: int = Field(default=64, ge=1)
     log_level: str = "info"
 
     @field_validator("socket")

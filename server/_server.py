@@ -4,8 +4,11 @@ The Unix socket is the daemon's own: its directory is created owner-only when mi
 a stale socket file (nothing answers) is replaced, a live one makes :meth:`Server.serve`
 refuse to start, and it is ``chmod 0600`` before ``listen`` so no other user can connect.
 TCP is off unless a port is set, and refused without a token unless
-``allow_insecure_tcp``. SIGTERM and SIGINT shut the daemon down cleanly: it stops
-accepting, finishes the requests in flight, frees every arena and removes its socket.
+``allow_insecure_tcp``. Every connection must deliver each request whole within
+``request_timeout`` and TCP connections are capped (``max_tcp_connections``; see
+:mod:`ckptd.server._http`), so idle or dribbling peers cannot hold descriptors local
+workers need. SIGTERM and SIGINT shut the daemon down cleanly: session streams end, the
+requests in flight finish, every arena is freed and the socket removed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ._cache import Cache
 from ._config import Settings
 from ._devtier import DeviceTier
 from ._fdchannel import FdServer, fd_socket_path
+from ._http import guarded_protocol
 from ._metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 OnReady = Callable[[list[str]], None]
 BACKLOG = 2048
 GRACEFUL_SHUTDOWN_S = 10
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers; a longer head is a 400
 
 
 def device_tier(settings: Settings) -> DeviceTier | None:
@@ -181,6 +186,9 @@ class Server:
             log_config=log_config,
             lifespan="off",
             backlog=BACKLOG,
+            http=guarded_protocol(self.settings.request_timeout, self.settings.max_tcp_connections),
+            timeout_keep_alive=self.settings.keep_alive_timeout,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
