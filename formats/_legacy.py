@@ -12,7 +12,7 @@ import struct
 
 from ._errors import CheckpointError, UnsupportedFormatError
 from ._layout import Format, Layout, StorageRecord, validate
-from ._pickle_scan import ScanResult, SymList, scan
+from ._pickle_scan import ScanResult, scan
 from ._source import Source
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -86,12 +86,12 @@ def _storage_records(
     source: Source, main: ScanResult, keys: ScanResult, head: bytes
 ) -> tuple[dict[str, StorageRecord], int]:
     """Every storage's record, and where the checkpoint ends (just past the last storage)."""
-    if not isinstance(keys.root, SymList) or not all(isinstance(k, (str, int)) for k in keys.root.items):
+    if type(keys.root) is not list or not all(isinstance(k, (str, int)) for k in keys.root):
         raise CheckpointError(source.name, "the storage key list is malformed")
     roots = {ref.key: ref for ref in main.storages.values()}
     offset = keys.end
     records: dict[str, StorageRecord] = {}
-    for key in map(str, keys.root.items):
+    for key in map(str, keys.root):
         ref = roots.get(key)
         if ref is None:
             raise CheckpointError(source.name, f"storage {key!r} is listed but never used: corrupt")

@@ -1,17 +1,23 @@
-"""A pickle scanner that reads structure and runs nothing.
+"""A pickle scanner that reads structure and runs nothing, at C speed.
 
 torch checkpoints keep their object graph in a pickle. To plan reads (which storages
 exist, their dtypes, sizes and locations, and which named tensor uses which storage)
-ckptd interprets the pickle's opcodes symbolically: globals stay names
-(:class:`Global`), calls stay records (:class:`Call`), persistent ids stay data. No
-module is imported, no global resolved, no function called, so a hostile file can make
-the scan fail but never act. The real object is rebuilt later by torch's own unpickler.
+ckptd runs Python's C unpickler with every effect replaced by a record: each global the
+pickle names becomes an inert stub class of ckptd's own (:class:`Global`), calling or
+instantiating one yields a :class:`Call` record, persistent ids stay data
+(:class:`PersistentId`). No module is imported, no global resolved, no function of the
+checkpoint called, so a hostile file can make the scan fail but never act. Containers
+(dicts, lists, tuples, sets) are the real builtins the pickle builds. The real object is
+rebuilt later, by torch's own unpickler or by ckptd's plain rebuild from this record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import io
-import pickletools
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,46 +27,98 @@ import torch
 from ._errors import CheckpointError, UnsupportedFormatError
 from ._layout import TensorEntry
 
-# Per-file opcode budget: generous for any real checkpoint (about 30 per tensor), but
-# a bound on the work a crafted pickle can demand of the scanner.
-_MAX_OPS = 50_000_000
+# How many distinct globals one pickle may name: real checkpoints name a few dozen; each
+# stub is a class, so a crafted pickle naming millions is refused rather than obeyed.
+_MAX_GLOBALS = 100_000
 
 
-@dataclass(frozen=True, eq=False)
-class Global:
-    """A global named in the pickle, never imported."""
+class Global(type):
+    """A global named in the pickle, never imported: the stub class that stands for it.
+
+    The unpickler calls it (REDUCE, INST, OBJ) or instantiates it (NEWOBJ): both only
+    record a :class:`Call`. Stubs are immutable, so a pickle cannot re-wire one.
+
+    >>> stub = Global.named("os", "system")
+    >>> call = stub("true")
+    >>> call.func.qualname, call.args
+    ('os.system', ('true',))
+    """
 
     module: str
     name: str
 
+    tally: list[int]  # calls recorded by the scan that made this stub: [count]
+
+    @classmethod
+    def named(mcs, module: str, name: str, tally: list[int] | None = None) -> Global:
+        """A new stub for ``module.name``; its calls are counted in ``tally``."""
+        namespace = {"module": module, "name": name, "tally": [0] if tally is None else tally}
+        return mcs("Global", (), {**namespace, "__new__": _instantiate, "__slots__": ()})
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Call:
+        cls.tally[0] += 1
+        return Call(cls, args)
+
+    def __setattr__(cls, key: str, value: Any) -> None:
+        raise TypeError(f"the stub for {cls.qualname} is immutable")
+
     @property
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}"
+    def qualname(cls) -> str:
+        return f"{cls.module}.{cls.name}"
+
+    def __repr__(cls) -> str:
+        return f"Global({cls.module!r}, {cls.name!r})"
 
 
-@dataclass(eq=False)
+def _instantiate(cls: Global, *args: Any, **kwargs: Any) -> Call:
+    # NEWOBJ / NEWOBJ_EX call ``cls.__new__(cls, *args)``: recorded like a call (kwargs
+    # are structure only).
+    cls.tally[0] += 1
+    return Call(cls, args)
+
+
 class Call:
-    """``func(*args)`` as the pickle describes it, with what was applied afterwards."""
+    """``func(*args)`` as the pickle describes it, with what was applied afterwards.
 
-    func: Any
-    args: Any
-    state: Any = None
-    items: list[tuple[Any, Any]] = field(default_factory=list)
-    appended: list[Any] = field(default_factory=list)
+    ``items`` records SETITEM(S), ``appended`` APPEND(S)/ADDITEMS, ``state`` BUILD
+    (``built`` tells a BUILD with ``None`` from none).
+    """
 
+    __slots__ = ("func", "args", "state", "built", "items", "appended")
 
-@dataclass(eq=False)
-class SymDict:
-    """A dict built by the pickle; keys kept as pairs since they may be symbolic."""
+    def __init__(self, func: Any, args: Any) -> None:
+        self.func = func
+        self.args = args
+        self.state: Any = None
+        self.built = False
+        self.items: list[tuple[Any, Any]] = []
+        self.appended: list[Any] = []
 
-    items: list[tuple[Any, Any]] = field(default_factory=list)
+    def __call__(self, *args: Any, **kwargs: Any) -> Call:
+        func = self.func
+        while type(func) is Call:
+            func = func.func
+        func.tally[0] += 1  # every call chain starts at a stub
+        return Call(self, args)
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
 
-@dataclass(eq=False)
-class SymList:
-    """A list (or set) built by the pickle."""
+    def append(self, value: Any) -> None:
+        self.appended.append(value)
 
-    items: list[Any] = field(default_factory=list)
+    def extend(self, values: Any) -> None:
+        self.appended.extend(values)
+
+    def add(self, value: Any) -> None:
+        self.appended.append(value)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+        self.built = True
+
+    def __repr__(self) -> str:
+        return f"Call({self.func!r}, {self.args!r})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,282 +144,120 @@ class StorageRef:
 
 @dataclass
 class ScanResult:
-    """What the scan found: the root object, storages in first-use order, named tensors."""
+    """What the scan found: the root object, storages in first-use order, named tensors.
+
+    ``utf8`` is False when the pickle's Python 2 strings are not UTF-8 (they were read
+    as latin-1 for the names; torch.load's default decoding would differ). ``calls`` counts
+    every call and instantiation the pickle makes, ``persistent_ids`` every storage
+    reference, reachable from the root or not.
+    """
 
     root: Any
     storages: dict[str, StorageRef]
     tensors: list[TensorEntry]
     end: int
+    utf8: bool = True
+    calls: int = 0
+    persistent_ids: list[Any] = field(default_factory=list)
 
 
-class _Mark:
-    """The MARK sentinel, distinct from anything a pickle can push."""
+class _NoBuffers:
+    """The out-of-band buffer source: refuses, so NEXT_BUFFER fails with ckptd's error."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __iter__(self) -> _NoBuffers:
+        return self
+
+    def __next__(self) -> Any:
+        raise UnsupportedFormatError(self.name, "out-of-band pickle buffers are not supported")
 
 
-_MARK = _Mark()
+class _Recorder(pickle.Unpickler):
+    """The C unpickler with every global a stub and every persistent id recorded."""
+
+    def __init__(self, stream: io.BytesIO, name: str, encoding: str) -> None:
+        super().__init__(stream, encoding=encoding, fix_imports=False, buffers=_NoBuffers(name))
+        self.name = name
+        self.globals: dict[tuple[str, str], Global] = {}
+        self.persistent_ids: list[Any] = []
+        self.tally = [0]
+
+    def find_class(self, module: str, name: str) -> Global:
+        stub = self.globals.get((module, name))
+        if stub is None:
+            if len(self.globals) >= _MAX_GLOBALS:
+                raise CheckpointError(self.name, "pickle names too many globals: hostile input")
+            stub = self.globals[(module, name)] = Global.named(module, name, self.tally)
+        return stub
+
+    def persistent_load(self, pid: Any) -> PersistentId | Global:
+        self.persistent_ids.append(pid)
+        if type(pid) is tuple and len(pid) > 1 and _text(pid[0]) == "module":
+            # legacy whole-module pickles name each module class this way, then instantiate it
+            cls = pid[1]
+            return cls if isinstance(cls, Global) else self.find_class("<module>", str(_text(cls)))
+        return PersistentId(pid)
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a graph of many small objects is built.
+
+    Building tens of thousands of records triggers collections that walk every live object
+    (a scan of a 20,000-tensor pickle took 4x longer with them); nothing built here is
+    garbage until the caller drops it.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# What the C unpickler raises on malformed input (stubs raise nothing of their own).
+_MALFORMED = (
+    pickle.UnpicklingError, ValueError, IndexError, KeyError, TypeError, EOFError,
+    AttributeError, OverflowError, MemoryError, RecursionError,
+)
 
 
 def scan(data: bytes | memoryview, name: str, *, start: int = 0) -> ScanResult:
     """Interpret the pickle at ``data[start:]`` without running it.
 
     >>> import pickle
-    >>> scan(pickle.dumps({"a": 1}), "x").root.items
-    [('a', 1)]
+    >>> scan(pickle.dumps({"a": 1}), "x").root
+    {'a': 1}
     """
-    machine = _Machine(name)
+    with no_gc():
+        utf8 = True
+        try:
+            root, recorder, end = _run(data, name, start, "utf-8")
+        except UnicodeDecodeError:  # Python 2 byte strings that are not UTF-8: names as latin-1
+            utf8 = False
+            try:
+                root, recorder, end = _run(data, name, start, "latin-1")
+            except UnicodeDecodeError as exc:  # a text opcode that is not UTF-8 either
+                raise CheckpointError(name, f"malformed pickle ({exc})") from exc
+        storages = _storage_refs(recorder.persistent_ids, name)
+        tensors = list(_named_tensors(root, storages))
+    return ScanResult(root, storages, tensors, end, utf8, recorder.tally[0], recorder.persistent_ids)
+
+
+def _run(data: bytes | memoryview, name: str, start: int, encoding: str) -> tuple[Any, _Recorder, int]:
     stream = io.BytesIO(data)
     stream.seek(start)
+    recorder = _Recorder(stream, name, encoding)
     try:
-        end = machine.run(pickletools.genops(stream))
-    except CheckpointError:
+        root = recorder.load()
+    except (CheckpointError, UnicodeDecodeError):
         raise
-    except (ValueError, IndexError, KeyError, TypeError, EOFError, AttributeError) as exc:
-        raise CheckpointError(name, f"malformed pickle ({exc})") from exc
-    storages = _storage_refs(machine.persistent_ids, name)
-    tensors = list(_named_tensors(machine.root, storages))
-    return ScanResult(machine.root, storages, tensors, end)
-
-
-class _Machine:
-    """The pickle virtual machine with every effect replaced by a record."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.stack: list[Any] = []
-        self.marks: list[list[Any]] = []
-        self.memo: dict[int, Any] = {}
-        self.persistent_ids: list[Any] = []
-        self.root: Any = None
-
-    def run(self, ops: Iterator[tuple[pickletools.OpcodeInfo, Any, int | None]]) -> int:
-        for count, (op, arg, pos) in enumerate(ops):
-            if count > _MAX_OPS:
-                raise CheckpointError(self.name, "pickle exceeds the opcode budget: hostile input")
-            if op.name == "STOP":
-                self.root = self.stack.pop()
-                return (pos or 0) + 1
-            handler = _HANDLERS.get(op.name)
-            if handler is not None:
-                handler(self, arg)
-            elif op.name in _PUSH_ARG:
-                self.stack.append(arg)
-            elif op.name not in ("PROTO", "FRAME"):
-                raise UnsupportedFormatError(self.name, f"pickle opcode {op.name} is not supported")
-        raise CheckpointError(self.name, "pickle ends without STOP: truncated")
-
-    def pop_mark(self) -> list[Any]:
-        items = self.stack
-        self.stack = self.marks.pop()
-        return items
-
-    def top(self) -> Any:
-        return self.stack[-1]
-
-
-def _global(m: _Machine, arg: str) -> None:
-    module, _, name = arg.partition(" ")
-    m.stack.append(Global(module, name))
-
-
-def _stack_global(m: _Machine, _: Any) -> None:
-    name, module = m.stack.pop(), m.stack.pop()
-    if not isinstance(name, str) or not isinstance(module, str):
-        raise CheckpointError(m.name, "STACK_GLOBAL needs two strings")
-    m.stack.append(Global(module, name))
-
-
-def _mark(m: _Machine, _: Any) -> None:
-    m.marks.append(m.stack)
-    m.stack = []
-
-
-def _pop(m: _Machine, _: Any) -> None:
-    if m.stack:
-        m.stack.pop()
-    else:
-        m.pop_mark()
-
-
-def _persid(m: _Machine, arg: Any) -> None:
-    pid = PersistentId(arg)
-    m.persistent_ids.append(arg)
-    m.stack.append(pid)
-
-
-def _binpersid(m: _Machine, _: Any) -> None:
-    _persid(m, m.stack.pop())
-
-
-def _reduce(m: _Machine, _: Any) -> None:
-    args = m.stack.pop()
-    m.stack.append(Call(m.stack.pop(), args))
-
-
-def _newobj(m: _Machine, _: Any) -> None:
-    args = m.stack.pop()
-    m.stack.append(Call(m.stack.pop(), args))
-
-
-def _newobj_ex(m: _Machine, _: Any) -> None:
-    m.stack.pop()  # kwargs: structure only
-    _newobj(m, None)
-
-
-def _inst(m: _Machine, arg: str) -> None:
-    module, _, name = arg.partition(" ")
-    args = tuple(m.pop_mark())
-    m.stack.append(Call(Global(module, name), args))
-
-
-def _obj(m: _Machine, _: Any) -> None:
-    items = m.pop_mark()
-    m.stack.append(Call(items[0], tuple(items[1:])))
-
-
-def _build(m: _Machine, _: Any) -> None:
-    state = m.stack.pop()
-    target = m.top()
-    if isinstance(target, Call):
-        target.state = state
-
-
-def _setitems_into(m: _Machine, target: Any, pairs: list[tuple[Any, Any]]) -> None:
-    if isinstance(target, (SymDict, Call)):
-        target.items.extend(pairs)
-    else:
-        raise CheckpointError(m.name, f"SETITEM(S) on a {type(target).__name__}")
-
-
-def _setitem(m: _Machine, _: Any) -> None:
-    value, key = m.stack.pop(), m.stack.pop()
-    _setitems_into(m, m.top(), [(key, value)])
-
-
-def _setitems(m: _Machine, _: Any) -> None:
-    items = m.pop_mark()
-    _setitems_into(m, m.top(), list(zip(items[::2], items[1::2])))
-
-
-def _dict(m: _Machine, _: Any) -> None:
-    items = m.pop_mark()
-    m.stack.append(SymDict(list(zip(items[::2], items[1::2]))))
-
-
-def _append_into(m: _Machine, target: Any, values: list[Any]) -> None:
-    if isinstance(target, SymList):
-        target.items.extend(values)
-    elif isinstance(target, Call):
-        target.appended.extend(values)
-    else:
-        raise CheckpointError(m.name, f"APPEND(S) on a {type(target).__name__}")
-
-
-def _append(m: _Machine, _: Any) -> None:
-    value = m.stack.pop()
-    _append_into(m, m.top(), [value])
-
-
-def _appends(m: _Machine, _: Any) -> None:
-    values = m.pop_mark()
-    _append_into(m, m.top(), values)
-
-
-def _push_marked(wrap: Any) -> Any:
-    """A handler that wraps the items since the last MARK (popped *before* pushing)."""
-
-    def handler(m: _Machine, _: Any) -> None:
-        items = m.pop_mark()
-        m.stack.append(wrap(items))
-
-    return handler
-
-
-def _tuple_n(n: int) -> Any:
-    def handler(m: _Machine, _: Any) -> None:
-        if len(m.stack) < n:
-            raise CheckpointError(m.name, f"TUPLE{n} needs {n} items on the stack: malformed pickle")
-        items = m.stack[len(m.stack) - n :] if n else []
-        del m.stack[len(m.stack) - n :]
-        m.stack.append(tuple(items))
-
-    return handler
-
-
-def _put(m: _Machine, arg: int) -> None:
-    m.memo[arg] = m.top()
-
-
-def _memoize(m: _Machine, _: Any) -> None:
-    m.memo[len(m.memo)] = m.top()
-
-
-def _get(m: _Machine, arg: int) -> None:
-    if arg not in m.memo:
-        raise CheckpointError(m.name, f"pickle reads memo slot {arg} before writing it")
-    m.stack.append(m.memo[arg])
-
-
-def _ext(m: _Machine, arg: int) -> None:
-    m.stack.append(Global("<extension>", str(arg)))
-
-
-def _out_of_band(m: _Machine, _: Any) -> None:
-    raise UnsupportedFormatError(m.name, "out-of-band pickle buffers are not supported")
-
-
-_PUSH_ARG = frozenset(
-    "INT BININT BININT1 BININT2 LONG LONG1 LONG4 FLOAT BINFLOAT STRING BINSTRING "
-    "SHORT_BINSTRING UNICODE SHORT_BINUNICODE BINUNICODE BINUNICODE8 BINBYTES "
-    "SHORT_BINBYTES BINBYTES8 BYTEARRAY8 NONE NEWTRUE NEWFALSE".split()
-)
-
-_HANDLERS: dict[str, Any] = {
-    "MARK": _mark,
-    "POP": _pop,
-    "POP_MARK": lambda m, _: m.pop_mark(),
-    "DUP": lambda m, _: m.stack.append(m.top()),
-    "NONE": lambda m, _: m.stack.append(None),
-    "NEWTRUE": lambda m, _: m.stack.append(True),
-    "NEWFALSE": lambda m, _: m.stack.append(False),
-    "PERSID": _persid,
-    "BINPERSID": _binpersid,
-    "GLOBAL": _global,
-    "STACK_GLOBAL": _stack_global,
-    "REDUCE": _reduce,
-    "NEWOBJ": _newobj,
-    "NEWOBJ_EX": _newobj_ex,
-    "INST": _inst,
-    "OBJ": _obj,
-    "BUILD": _build,
-    "EMPTY_DICT": lambda m, _: m.stack.append(SymDict()),
-    "DICT": _dict,
-    "SETITEM": _setitem,
-    "SETITEMS": _setitems,
-    "EMPTY_LIST": lambda m, _: m.stack.append(SymList()),
-    "LIST": _push_marked(SymList),
-    "APPEND": _append,
-    "APPENDS": _appends,
-    "EMPTY_SET": lambda m, _: m.stack.append(SymList()),
-    "ADDITEMS": _appends,
-    "FROZENSET": _push_marked(SymList),
-    "EMPTY_TUPLE": _tuple_n(0),
-    "TUPLE1": _tuple_n(1),
-    "TUPLE2": _tuple_n(2),
-    "TUPLE3": _tuple_n(3),
-    "TUPLE": _push_marked(tuple),
-    "PUT": _put,
-    "BINPUT": _put,
-    "LONG_BINPUT": _put,
-    "MEMOIZE": _memoize,
-    "GET": _get,
-    "BINGET": _get,
-    "LONG_BINGET": _get,
-    "EXT1": _ext,
-    "EXT2": _ext,
-    "EXT4": _ext,
-    "NEXT_BUFFER": _out_of_band,
-    "READONLY_BUFFER": _out_of_band,
-}
+    except _MALFORMED as exc:
+        raise CheckpointError(name, f"malformed pickle ({type(exc).__name__}: {exc})") from exc
+    return root, recorder, stream.tell()
 
 
 def _text(value: Any) -> Any:
@@ -373,12 +269,20 @@ def storage_dtype(storage_type: Any, name: str) -> torch.dtype:
     """The dtype a storage class named in the pickle stands for (looked up, not imported)."""
     if not isinstance(storage_type, Global) or not storage_type.name.endswith("Storage"):
         raise CheckpointError(name, f"persistent id names {storage_type!r}, not a storage class")
-    if storage_type.name == "UntypedStorage":
+    dtype = _storage_class_dtype(storage_type.name)
+    if dtype is None:
+        raise CheckpointError(name, f"unknown storage type {storage_type.name!r}")
+    return dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _storage_class_dtype(name: str) -> torch.dtype | None:
+    if name == "UntypedStorage":
         return torch.uint8
     try:
-        return torch.serialization.StorageType(storage_type.name).dtype
-    except (KeyError, AttributeError) as exc:
-        raise CheckpointError(name, f"unknown storage type {storage_type.name!r}") from exc
+        return torch.serialization.StorageType(name).dtype
+    except (KeyError, AttributeError):
+        return None
 
 
 def _storage_refs(pids: list[Any], name: str) -> dict[str, StorageRef]:
@@ -469,9 +373,12 @@ def _named_tensors(root: Any, storages: dict[str, StorageRef]) -> Iterator[Tenso
     on_path: set[int] = set()  # containers being expanded above the current one: a cycle
     while todo:
         node, obj = todo.pop()
-        if isinstance(obj, _Leave):
+        kind = type(obj)
+        if kind is _Leave:
             on_path.discard(obj.ident)
-        elif _is_tensor_call(obj):
+        elif kind not in _CONTAINERS:
+            continue  # atoms, stubs, persistent ids: nothing named below
+        elif kind is Call and _is_tensor_call(obj):
             entry = _tensor_entry(node.parts() if node else (), obj, storages)
             if entry is not None:
                 yield entry
@@ -483,6 +390,9 @@ def _named_tensors(root: Any, storages: dict[str, StorageRef]) -> Iterator[Tenso
                 todo.append((_PathNode(node, key), child))
 
 
+_CONTAINERS = frozenset({dict, list, tuple, Call})
+
+
 @dataclass(frozen=True)
 class _Leave:
     """Marks, on the walk's stack, the end of a container's expansion."""
@@ -490,20 +400,26 @@ class _Leave:
     ident: int
 
 
+# Globals whose call builds a mapping from ``args[0]`` (a list of pairs, or a dict): how
+# Python 2-era pickles wrote OrderedDicts (REDUCE, not SETITEMS).
+_MAPPING_TYPES = frozenset({"collections.OrderedDict", "builtins.dict", "__builtin__.dict"})
+
+
 def _children(obj: Any) -> Iterator[tuple[str | int, Any]]:
-    if isinstance(obj, SymDict):
-        pairs: list[tuple[Any, Any]] = obj.items
-    elif isinstance(obj, Call):
-        state = obj.state
-        pairs = list(obj.items)
-        if isinstance(state, SymDict):
-            pairs += state.items
-        elif isinstance(state, tuple) and state and isinstance(state[0], SymDict):
-            pairs += state[0].items
-    elif isinstance(obj, (SymList, tuple)):
-        items = obj.items if isinstance(obj, SymList) else obj
-        yield from enumerate(items)
+    kind = type(obj)
+    if kind is dict:
+        pairs: Any = obj.items()
+    elif kind is list or kind is tuple:
+        yield from enumerate(obj)
         return
+    elif kind is Call:
+        pairs = list(obj.items)
+        pairs += _call_pairs(obj)
+        state = obj.state
+        if type(state) is tuple and state:
+            state = state[0]
+        if type(state) is dict:
+            pairs += state.items()
     else:
         return
     for key, value in pairs:
@@ -512,12 +428,31 @@ def _children(obj: Any) -> Iterator[tuple[str | int, Any]]:
             yield key, value
 
 
+def _call_pairs(call: Call) -> list[tuple[Any, Any]]:
+    """The pairs ``OrderedDict([[k, v], ...])`` (or ``dict(...)``) was called with."""
+    func, args = call.func, call.args
+    if not (isinstance(func, Global) and func.qualname in _MAPPING_TYPES and type(args) is tuple and args):
+        return []
+    first = args[0]
+    if type(first) is dict:
+        return list(first.items())
+    if type(first) not in (list, tuple):
+        return []
+    return [tuple(pair) for pair in first if type(pair) in (list, tuple) and len(pair) == 2]
+
+
 def _tensor_entry(
     path: tuple[str | int, ...], call: Call, storages: dict[str, StorageRef]
 ) -> TensorEntry | None:
+    name = ".".join(str(part) for part in path)
+    simple = _simple_tensor(call)
+    if simple is not None:  # the common case, without the general walks below
+        ref = storages.get(_pid_key(simple.args[0]))
+        offset, shape, stride = simple.args[1:4]
+        if ref is not None and _ints(shape) and _ints(stride) and type(offset) is int:
+            return TensorEntry(name, path, (ref.key,), ref.dtype, shape, stride, offset, ref.location, call.func.name)
     keys = _storage_keys(call)
     base = _find_rebuild_v2(call)
-    name = ".".join(str(part) for part in path)
     if base is not None:
         ref = storages.get(_pid_key(base.args[0]))
         if ref is not None:
@@ -529,6 +464,19 @@ def _tensor_entry(
         return None
     ref = storages[keys[0]]
     return TensorEntry(name, path, keys, ref.dtype, (ref.numel,), None, 0, ref.location, call.func.name)
+
+
+def _simple_tensor(call: Call) -> Call | None:
+    """The ``_rebuild_tensor_v2`` call of a plain tensor or Parameter, if that is what ``call`` is."""
+    if call.func.name == "_rebuild_parameter" and type(call.args) is tuple and call.args:
+        call = call.args[0]
+        if type(call) is not Call or type(call.func) is not Global:
+            return None
+    if call.func.name != "_rebuild_tensor_v2" or type(call.args) is not tuple or len(call.args) < 6:
+        return None
+    if type(call.args[0]) is not PersistentId or call.items or call.appended or call.built:
+        return None
+    return call
 
 
 def _v3_dtype(call: Call) -> torch.dtype | None:
@@ -593,10 +541,8 @@ def _storage_keys(obj: Any) -> tuple[str, ...]:
             keys.setdefault(_pid_key(item), None)
         elif isinstance(item, Call):
             todo.extend((item.state, item.args, *item.appended, *(v for pair in item.items for v in pair)))
-        elif isinstance(item, tuple):
+        elif type(item) in (tuple, list):
             todo.extend(reversed(item))
-        elif isinstance(item, SymList):
-            todo.extend(reversed(item.items))
-        elif isinstance(item, SymDict):
-            todo.extend(v for pair in item.items for v in pair)
+        elif type(item) is dict:
+            todo.extend(v for pair in item.items() for v in pair)
     return tuple(keys)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ckptd.formats import CheckpointError, UnsupportedFormatError
-from ckptd.formats._pickle_scan import Call, Global, PersistentId, ScanResult, SymDict, SymList, scan
+from ckptd.formats._pickle_scan import Call, Global, PersistentId, ScanResult, scan
 from ckptd_testlib import tensor_storage_bytes
 
 NAME = "/some/dir/hostile.pt"
@@ -78,11 +78,11 @@ def _no_effects(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 
 def _depth(obj: Any) -> int:
-    """How many SymLists are nested at obj (iteratively; the first item of each)."""
+    """How many lists are nested at obj (iteratively; the first item of each)."""
     depth = 0
-    while isinstance(obj, SymList):
+    while isinstance(obj, list):
         depth += 1
-        obj = obj.items[0] if obj.items else None
+        obj = obj[0] if obj else None
     return depth
 
 
@@ -202,7 +202,7 @@ def test_raw_os_system_is_live(tmp_path: Path) -> None:
         b"cos\nsystem\n(S'true'\ntR.",  # GLOBAL + TUPLE + REDUCE
         b"(S'true'\nios\nsystem\n.",  # INST
         b"(cos\nsystem\nS'true'\no.",  # OBJ
-        b"\x80\x04\x95\x1a\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R.",  # STACK_GLOBAL
+        b"\x80\x04\x95\x16\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R.",  # STACK_GLOBAL
         b"\x80\x02cos\nsystem\n)\x81.",  # NEWOBJ
         b"\x80\x04cos\nsystem\n)}\x92.",  # NEWOBJ_EX
     ],
@@ -224,8 +224,7 @@ def test_build_and_setstate_are_not_run(monkeypatch: pytest.MonkeyPatch) -> None
         result = scan(data, NAME)
     assert calls == []
     assert isinstance(result.root, Call)
-    assert isinstance(result.root.state, SymDict)
-    assert result.root.state.items == [("a", 1)]
+    assert result.root.state == {"a": 1}
 
 
 @pytest.mark.parametrize("module", ["antigravity", "ckptd_never_imported", "ckptd_never.imported.deep", "this"])
@@ -417,8 +416,8 @@ def test_deep_tuples_and_dicts_without_recursion_error() -> None:
     assert depth == n - 1 and tuples == ()
     dicts = scan(_nested_dicts(n), NAME).root
     depth = 0
-    while isinstance(dicts, SymDict):
-        depth, dicts = depth + 1, dicts.items[0][1]
+    while isinstance(dicts, dict):
+        depth, dicts = depth + 1, dicts["k"]
     assert depth == n and dicts is None
 
 
@@ -475,8 +474,8 @@ def test_self_referencing_list() -> None:
     assert python[0] is python
     result = scan(data, NAME)
     root = result.root
-    assert isinstance(root, SymList)
-    assert root.items[0] is root
+    assert isinstance(root, list)
+    assert root[0] is root
     assert result.tensors == []
 
 
@@ -484,8 +483,8 @@ def test_self_referencing_dict_and_object() -> None:
     d = {}
     d["self"] = d
     result = scan(pickle.dumps(d, protocol=2), NAME)
-    assert isinstance(result.root, SymDict)
-    assert result.root.items[0][1] is result.root
+    assert isinstance(result.root, dict)
+    assert result.root["self"] is result.root
     obj = collections.OrderedDict()
     obj["me"] = obj
     result = scan(pickle.dumps(obj, protocol=2), NAME)
@@ -684,18 +683,18 @@ def test_scan_from_offset() -> None:
     second = pickle.dumps({"k": "v"}, protocol=2)
     data = first + second
     one = scan(data, NAME)
-    assert isinstance(one.root, SymList) and one.root.items == [1, 2]
+    assert one.root == [1, 2]
     assert one.end == len(first)
     two = scan(data, NAME, start=one.end)
-    assert isinstance(two.root, SymDict) and two.root.items == [("k", "v")]
+    assert two.root == {"k": "v"}
     assert two.end == len(data)
 
 
 def test_plain_values_decode() -> None:
     data = pickle.dumps([1, -2, 2**80, 1.5, "s", b"b", None, True, False, (1, 2)], protocol=3)
-    assert scan(data, NAME).root.items == [1, -2, 2**80, 1.5, "s", b"b", None, True, False, (1, 2)]
+    assert scan(data, NAME).root == [1, -2, 2**80, 1.5, "s", b"b", None, True, False, (1, 2)]
     data0 = pickle.dumps([1, -2, 2**80, 1.5, "s", None, True, (1, 2)], protocol=0)
-    assert scan(data0, NAME).root.items == [1, -2, 2**80, 1.5, "s", None, True, (1, 2)]
+    assert scan(data0, NAME).root == [1, -2, 2**80, 1.5, "s", None, True, (1, 2)]
 
 
 def test_persistent_id_recorded_as_data() -> None:
@@ -706,5 +705,50 @@ def test_persistent_id_recorded_as_data() -> None:
     buf = io.BytesIO()
     P(buf, protocol=2).dump(["marker"])
     result = scan(buf.getvalue(), NAME)
-    assert isinstance(result.root.items[0], PersistentId)
+    # a legacy whole-module id names a class: it stands as an inert stub, storages untouched
+    assert isinstance(result.root[0], Global) and result.root[0].qualname == "<module>.x"
+    assert result.persistent_ids == [("module", "x", "source")]
     assert result.storages == {}
+
+
+# ---------------------------------------------------------------------------------------
+# the stubs themselves cannot be turned into something that acts
+# ---------------------------------------------------------------------------------------
+
+
+def test_stub_cannot_be_rewired(monkeypatch: pytest.MonkeyPatch) -> None:
+    # BUILD with slot state on the os.system stub would setattr(stub, "__call__", eval)
+    data = b"\x80\x02cos\nsystem\nN}X\x08\x00\x00\x00__call__cbuiltins\neval\ns\x86b."
+    pickletools.dis(data, out=io.StringIO())  # a well-formed pickle
+    with _no_effects(monkeypatch) as calls:
+        with pytest.raises(CheckpointError, match="immutable"):
+            scan(data, NAME)
+    assert calls == []
+
+
+def test_calls_on_calls_are_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.system()("true"), then BUILD and SETITEM on the result: records, nothing called
+    data = b"\x80\x02cos\nsystem\n)R(X\x04\x00\x00\x00truetR}b."
+    with _no_effects(monkeypatch) as calls:
+        result = scan(data, NAME)
+    assert calls == []
+    root = result.root
+    assert isinstance(root, Call) and isinstance(root.func, Call) and root.args == ("true",)
+    assert root.func.func.qualname == "os.system"
+    assert result.calls == 2 and root.built and root.state == {}
+
+
+def test_stubs_are_per_scan_and_immutable() -> None:
+    one = scan(b"\x80\x02cos\nsystem\n.", NAME).root
+    two = scan(b"\x80\x02cos\nsystem\n.", NAME).root
+    assert isinstance(one, Global) and one is not two
+    with pytest.raises(TypeError):
+        one.name = "other"  # type: ignore[misc]
+    assert one("x").args == ("x",) and one("x").func is one
+
+
+def test_too_many_globals_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ckptd.formats._pickle_scan._MAX_GLOBALS", 10)
+    data = b"\x80\x02(" + b"".join(f"cm{i}\nf\n".encode() for i in range(11)) + b"l."
+    with pytest.raises(CheckpointError, match="too many globals"):
+        scan(data, NAME)
