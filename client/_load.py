@@ -35,9 +35,11 @@ from ckptd.formats import (
     read_sharded_index,
     sniff,
 )
+from ckptd.formats._pickle_scan import no_gc
 
 from ._exceptions import UnpicklingError, UsageError
 from ._placement import MapLocation, target_tag
+from ._rebuild import rebuild_plain
 from ._select import Select, extract, find, select_entries
 from ._storages import StorageSet, read_storages
 from ._unpickle import unpickle, weights_only_message
@@ -98,7 +100,7 @@ def load(
     request = make_request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)
-    with open_source(f) as source:
+    with open_source(f) as source, no_gc():  # a load builds many objects and frees none
         layout = _read_layout(source, request.weights_only)
         if layout.format is Format.TORCHSCRIPT:
             return _torchscript_via_load(f, source, map_location, request.weights_only)
@@ -252,7 +254,11 @@ def rebuild(layout: Layout, storages: StorageSet, request: Request, single: bool
         if layout.format is Format.SAFETENSORS:
             obj: Any = _safetensors_dict(layout, storages)
         else:
-            obj = unpickle(layout, storages, request.pickle_module, request.weights_only, request.pickle_load_args)
+            built = rebuild_plain(layout, storages, request.pickle_module, request.pickle_load_args)
+            if built is not None:
+                obj = built.value
+            else:
+                obj = unpickle(layout, storages, request.pickle_module, request.weights_only, request.pickle_load_args)
     finally:
         storages.wait()
     if wanted is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -102,6 +103,9 @@ class Layout:
     metadata: Mapping[str, str] = field(default_factory=dict)
     byteorder_recorded: bool = True
     end: int | None = None
+    # The pickle scan's record (a ScanResult), kept for the plain rebuild; not part of the
+    # layout's identity and never sent over the wire.
+    scanned: Any = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:

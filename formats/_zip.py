@@ -292,6 +292,7 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
         records=records,
         prefix=prefix,
         end=_end(storages, records[pickle_record.name], pickle_record),
+        scanned=result,
     )
     validate(layout)
     return layout

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -366,7 +366,8 @@ class Cache:
     def _layout(self, entry: _Entry) -> Layout:
         if entry.layout is None:
             with open_source(entry.path) as source:
-                entry.layout = read_layout(source)
+                # the scan's object record is the client's to rebuild from; not kept while cached
+                entry.layout = replace(read_layout(source), scanned=None)
         return entry.layout
 
     def _make_resident(self, entry: _Entry, layout: Layout, keys: list[str]) -> bool:
