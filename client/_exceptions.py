@@ -16,13 +16,16 @@ instance of that type, so ``except RuntimeError`` written for torch.load keeps w
     ├── ModelMismatchError              load_into: checkpoint and model do not fit, or a tensor was copied (also RuntimeError)
     └── DaemonError                     the daemon refused or could not serve a request
         ├── DaemonNotRunningError       nothing listens at the URL; the message says how to start it
+        ├── DaemonTimeoutError          the daemon did not answer in time (also TimeoutError)
         ├── AuthenticationError         missing or wrong token (also PermissionError)
         ├── PathNotAllowedError         the path resolves outside the daemon's roots (also PermissionError)
         ├── OverBudgetError             the checkpoint does not fit the memory budget (also MemoryError)
         ├── CheckpointBusyError         eviction refused: clients hold leases on it
         └── LeaseLostError              the lease expired or was released
 
-Foreign errors are converted where they enter, with ``raise ... from exc``.
+Foreign errors are converted where they enter, with ``raise ... from exc`` (every transport
+failure in one place, ``ckptd._wire.transport_errors``). Every class shows as ``ckptd.X``
+and takes one message, ``X("...")``; :class:`CheckpointError` also takes ``(name, problem)``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class DaemonNotRunningError(DaemonError, ConnectionError):
     """Nothing answers at the daemon's URL."""
 
 
+class DaemonTimeoutError(DaemonError, TimeoutError):
+    """The daemon did not answer in time (the client's timeout; see ``ckptd.settings``)."""
+
+
 class AuthenticationError(DaemonError, PermissionError):
     """The daemon wants a token this client did not send, or sent wrong."""
 
@@ -94,6 +101,7 @@ __all__ = [
     "CkptdError",
     "DaemonError",
     "DaemonNotRunningError",
+    "DaemonTimeoutError",
     "DeviceError",
     "LeaseLostError",
     "ModelMismatchError",

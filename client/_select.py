@@ -37,7 +37,7 @@ def find(entries: dict[str, TensorEntry], name: str, prefix: str | None, source:
     >>> find({}, "w", None, "x.pt")
     Traceback (most recent call last):
     ...
-    ckptd.formats._errors.TensorNotFoundError: x.pt: no tensor 'w'; run `ckptd inspect FILE` to list its tensors
+    ckptd.TensorNotFoundError: x.pt: no tensor 'w'; run `ckptd inspect FILE` to list its tensors
     """
     for candidate in _variants(name, prefix):
         if candidate in entries:

@@ -17,13 +17,19 @@ class CkptdError(Exception):
 class CheckpointError(CkptdError):
     """The input is not a checkpoint ckptd can read (garbage, truncated, hostile, wrong format).
 
-    The message names the file and what is wrong with it.
+    The message names the file and what is wrong with it. ``CheckpointError(name, problem)``
+    says it in two parts; ``CheckpointError(message)``, the one shape every ckptd error
+    accepts, takes a message that names the file already (a daemon's error, rebuilt by
+    the client).
+
+    >>> str(CheckpointError("a.pt", "truncated")), str(CheckpointError("a.pt: truncated"))
+    ('a.pt: truncated', 'a.pt: truncated')
     """
 
-    def __init__(self, name: str, problem: str) -> None:
-        self.name = name
-        self.problem = problem
-        super().__init__(f"{name}: {problem}")
+    def __init__(self, name: str, problem: str | None = None) -> None:
+        self.name = name if problem is not None else ""
+        self.problem = problem if problem is not None else name
+        super().__init__(f"{name}: {problem}" if problem is not None else name)
 
 
 class UnsupportedFormatError(CheckpointError):
