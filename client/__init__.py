@@ -2,11 +2,15 @@
 
 The public surface is small: :func:`load` (torch.load's contract, plus selective
 loading), :func:`jit_load` (torch.jit.load's), :func:`inspect` (a checkpoint's tensors
-without reading them), :class:`Client` (the same through the daemon's shared cache) and
-the exception tree rooted at :class:`CkptdError`. :func:`load_into` fills a model built
+without reading them), :class:`Client` (the same through the daemon's shared cache),
+:data:`settings` (the client's settings, from ``CKPTD_*`` variables or code) and the
+exception tree rooted at :class:`CkptdError`. :func:`load_into` fills a model built
 with :func:`meta_parameters` with the loaded tensors themselves (no copy), so workers
-served by the daemon share one copy of their weights. ``load(..., server=url)`` or the
-``CKPTD_URL`` environment variable send ``load`` and ``jit_load`` through the daemon.
+served by the daemon share one copy of their weights. ``load(..., server=url)`` or
+``settings.url`` (``$CKPTD_URL``) send ``load`` and ``jit_load`` through the daemon.
+
+``import ckptd`` imports neither torch nor httpx: each function imports what it needs on
+first use, so the admin commands (``ckptd health``) start fast.
 
 >>> import io, torch, ckptd
 >>> buf = io.BytesIO(); torch.save({"w": torch.zeros(3)}, buf)
@@ -16,7 +20,9 @@ tensor([0., 0., 0.])
 
 from __future__ import annotations
 
-from ._client import Client
+import importlib
+import typing
+
 from ._exceptions import (
     AuthenticationError,
     CheckpointBusyError,
@@ -25,6 +31,7 @@ from ._exceptions import (
     CkptdError,
     DaemonError,
     DaemonNotRunningError,
+    DaemonTimeoutError,
     DeviceError,
     LeaseLostError,
     ModelMismatchError,
@@ -37,10 +44,13 @@ from ._exceptions import (
     UnsupportedFormatError,
     UsageError,
 )
-from ._inspect import inspect
-from ._jit import jit_load
-from ._load import load
-from ._load_into import load_into, meta_parameters
+from ._settings import settings
+
+if typing.TYPE_CHECKING:
+    from ._api import jit_load, load
+    from ._client import Client
+    from ._inspect import inspect
+    from ._load_into import load_into, meta_parameters
 
 __version__ = "0.1.0"
 
@@ -53,6 +63,7 @@ __all__ = [
     "Client",
     "DaemonError",
     "DaemonNotRunningError",
+    "DaemonTimeoutError",
     "DeviceError",
     "LeaseLostError",
     "ModelMismatchError",
@@ -70,4 +81,32 @@ __all__ = [
     "load",
     "load_into",
     "meta_parameters",
+    "settings",
 ]
+
+# The public errors show as ``ckptd.X`` wherever they are defined (httpx does the same).
+for _name in __all__:
+    if _name.endswith("Error"):
+        globals()[_name].__module__ = __name__
+
+_LAZY = {
+    "Client": "._client",
+    "inspect": "._inspect",
+    "jit_load": "._api",
+    "load": "._api",
+    "load_into": "._load_into",
+    "meta_parameters": "._load_into",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    """Import the module that defines ``name`` on its first use (torch comes with it)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -19,7 +19,7 @@ import socket
 import threading
 import weakref
 from collections.abc import Mapping
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -29,8 +29,10 @@ import torch
 from ckptd.formats import FileLike, Format, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
+from ._connection import Connection, transport_for
 from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
-from ._load import check_daemon_load, keys_of, load_shards, make_request, rebuild, sharded_plan, wanted_entries
+from ._jit import adopt_tensors
+from ._load import check_daemon_load, keys_of, load_shards, make_request, rebuild, wanted_entries
 from ._manifest import ArenaInfo, Manifest
 from ._placement import MapLocation, restore, target_tag
 from ._select import Select
@@ -40,24 +42,12 @@ from ._wire import error_from
 logger = logging.getLogger(__name__)
 
 
-def default_socket() -> str:
-    """The daemon's default Unix socket: ``$XDG_RUNTIME_DIR/ckptd.sock``, else ``/tmp/ckptd-<uid>/ckptd.sock``."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "ckptd.sock")
-    return f"/tmp/ckptd-{os.getuid()}/ckptd.sock"
+class Client(Connection):
+    """A connection to a ckptd daemon that loads from its cache; a context manager.
 
-
-def default_url() -> str:
-    """``$CKPTD_URL``, else the default socket as a ``unix://`` URL."""
-    return os.environ.get("CKPTD_URL") or f"unix://{default_socket()}"
-
-
-class Client:
-    """A connection to a ckptd daemon; a context manager.
-
-    ``url`` is ``unix:///absolute/path.sock`` or ``http://host:port`` (default:
-    ``$CKPTD_URL``, else the default socket); ``token`` defaults to ``$CKPTD_TOKEN``.
+    ``url`` is ``unix:///absolute/path.sock`` or ``http://host:port``; ``url``, ``token``
+    and ``timeout`` default to ``ckptd.settings`` (``$CKPTD_URL``, else the default
+    socket; ``$CKPTD_TOKEN``; ``$CKPTD_TIMEOUT``, 600 s).
     ``devices`` are this process's GPUs (default: found on first use: CUDA through cupy,
     or simulated ones under ``CKPTD_SIMULATED_GPUS``); the daemon learns their UUIDs, so
     ``cuda:0`` means this process's ``cuda:0`` whatever ``CUDA_VISIBLE_DEVICES`` says, and
@@ -68,14 +58,11 @@ class Client:
     """
 
     def __init__(
-        self, url: str | None = None, *, token: str | None = None, timeout: float = 600.0, devices: Devices | None = None
+        self, url: str | None = None, *, token: str | None = None, timeout: float | None = None,
+        devices: Devices | None = None,
     ) -> None:
-        self.url = url or default_url()
-        token = token if token is not None else os.environ.get("CKPTD_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        transport, base = _transport(self.url)
-        self._http = httpx.Client(transport=transport, base_url=base, headers=headers, timeout=timeout)
-        self._session = _SessionWatch(self.url, headers)
+        super().__init__(url, token=token, timeout=timeout)
+        self._session = _SessionWatch(self.url, self._headers)
         self._mappings: dict[str, weakref.ref[Any]] = {}
         self._lock = threading.Lock()
         self._leases = _LeaseKeeper(self)
@@ -144,8 +131,6 @@ class Client:
 
     def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
         """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""
-        from ._jit import adopt_tensors
-
         manifest = self._manifest(f, None, None, None, None, gpus=False)
 
         def build() -> Any:
@@ -229,34 +214,6 @@ class Client:
         with self._lock:
             return {arena_id for arena_id, ref in self._mappings.items() if ref() is not None}
 
-    # --- cache administration -------------------------------------------------------
-
-    def prefetch(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Make a checkpoint resident in the daemon with no client attached (every shard of
-        a ``*.index.json``, summed into one answer)."""
-        if is_sharded_index(os.fspath(path)):
-            _, plan = sharded_plan(os.fspath(path), None, None, None)
-            return _summed(os.path.abspath(os.fspath(path)), [self.prefetch(shard) for shard in plan])
-        return dict(self._request("POST", "/v1/prefetch", json={"path": os.path.abspath(os.fspath(path))}))
-
-    def checkpoints(self) -> list[dict[str, Any]]:
-        """Every checkpoint the daemon holds (path, identity, bytes per device, leases, hits, last use)."""
-        return list(self._request("GET", "/v1/checkpoints"))
-
-    def evict(self, ident: str) -> dict[str, Any]:
-        """Evict a checkpoint by id or path (refused while leases hold it)."""
-        if os.path.exists(ident):
-            ident = os.path.abspath(ident)
-        return dict(self._request("DELETE", "/v1/checkpoints", params={"ident": ident}))
-
-    def stats(self) -> dict[str, Any]:
-        """The daemon's totals: resident bytes and budgets per device, leases, hits, misses, evictions."""
-        return dict(self._request("GET", "/v1/stats"))
-
-    def health(self) -> dict[str, Any]:
-        """The daemon's ``/healthz`` answer (``{"status": "ok"}``); raises :class:`DaemonNotRunningError` if none answers."""
-        return dict(self._request("GET", "/healthz"))
-
     def renew(self, lease: str) -> None:
         """Renew one lease now (the background keeper does this on its own)."""
         self._request("POST", f"/v1/leases/{lease}/renew")
@@ -264,37 +221,14 @@ class Client:
     def _release(self, lease: str) -> None:
         try:
             self._request("DELETE", f"/v1/leases/{lease}")
-        except (DaemonError, httpx.HTTPError) as exc:
+        except DaemonError as exc:
             logger.debug("releasing lease %s failed: %s", lease, exc)
 
     def close(self) -> None:
         """Release every lease and close the connection (tensors stay valid: they are mapped)."""
         self._leases.stop()
         self._session.close()
-        self._http.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-    # --- transport --------------------------------------------------------------------
-
-    def _request(self, method: str, url: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, url, **kwargs)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise DaemonNotRunningError(_not_running(self.url)) from exc
-        if response.status_code == 204:
-            return None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if response.is_error:
-            raise error_from(response.status_code, body)
-        return body
+        super().close()
 
 
 class _LeaseKeeper:
@@ -344,8 +278,6 @@ class _LeaseKeeper:
             self._client.renew(lease)
         except DaemonError as exc:
             logger.warning("lease %s could not be renewed: %s", lease, exc)
-        except httpx.HTTPError as exc:
-            logger.warning("lease %s could not be renewed: %s", lease, exc)
 
     def set_interval(self, ttl: float) -> None:
         """Renew three times per TTL."""
@@ -380,7 +312,7 @@ class _SessionWatch:
         """Start watching (once); returns the session id loads carry."""
         with self._lock:
             if self._thread is None:
-                transport, base = _transport(self._url)
+                transport, base = transport_for(self._url)
                 self._http = httpx.Client(transport=transport, base_url=base, headers=self._headers,
                                           timeout=httpx.Timeout(10.0, read=None))
                 self._thread = threading.Thread(target=self._run, args=(self._http,), name="ckptd-session", daemon=True)
@@ -410,22 +342,6 @@ class _SessionWatch:
             http.close()
         if thread is not None:
             thread.join(timeout=10)
-
-
-def _summed(path: str, infos: list[dict[str, Any]]) -> dict[str, Any]:
-    """One checkpoint info for the shards of a sharded checkpoint."""
-    resident: dict[str, int] = {}
-    for info in infos:
-        for device, nbytes in info.get("resident_bytes", {}).items():
-            resident[device] = resident.get(device, 0) + nbytes
-    return {
-        "id": ",".join(str(info.get("id")) for info in infos),
-        "path": path,
-        "resident_bytes": resident,
-        "storages_resident": sum(info.get("storages_resident", 0) for info in infos),
-        "storages_total": sum(info.get("storages_total", 0) for info in infos),
-        "shards": infos,
-    }
 
 
 def receive_fd(url: str, lease: str, arena: str) -> int:
@@ -469,28 +385,6 @@ def _json_map_location(map_location: MapLocation) -> str | dict[str, str] | None
         return {str(k): str(v) for k, v in map_location.items()}
     # A callable is applied here to the CPU storage, as torch.load does: ask for host memory.
     return target_tag(map_location, "cpu") or "cpu"
-
-
-def _transport(url: str) -> tuple[httpx.HTTPTransport, str]:
-    # Without TLS (a Unix socket, plain http) no certificate store is loaded: that costs
-    # tens of milliseconds, and a worker's first attach is timed in milliseconds.
-    parsed = urlparse(url)
-    if parsed.scheme == "unix":
-        if not parsed.path.startswith("/"):
-            raise UsageError(f"{url}: a unix URL needs an absolute socket path (unix:///run/ckptd.sock)")
-        return httpx.HTTPTransport(uds=parsed.path, verify=False), "http://ckptd"
-    if parsed.scheme in ("http", "https") and parsed.netloc:
-        return httpx.HTTPTransport(verify=parsed.scheme == "https"), url.rstrip("/")
-    raise UsageError(f"{url}: expected unix:///path/to.sock or http://host:port")
-
-
-def _not_running(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.scheme == "unix":
-        start = f"ckptd serve --socket {parsed.path} --root /path/to/checkpoints"
-    else:
-        start = f"ckptd serve --host {parsed.hostname} --port {parsed.port} --token-file TOKEN --root /path/to/checkpoints"
-    return f"no ckptd daemon answers at {url}; start one with `{start}`"
 
 
 _clients: dict[str, Client] = {}

@@ -27,24 +27,14 @@ def jit_load(
     f: FileLike,
     map_location: MapLocation = None,
     _extra_files: dict[str, Any] | None = None,
-    *,
-    server: str | None = None,
 ) -> torch.jit.ScriptModule:
-    """Load a TorchScript archive as :func:`torch.jit.load` does, tensors in ckptd's arenas.
+    """Load a TorchScript archive in this process as :func:`torch.jit.load` does (see :func:`ckptd.jit_load`).
 
-    ``server`` (default: ``$CKPTD_URL``) takes the tensors from a daemon's shared cache.
-
-    >>> import io, torch, ckptd
+    >>> import io, torch
     >>> buf = io.BytesIO(); torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buf)
-    >>> module = ckptd.jit_load(buf.getvalue())
-    >>> module(torch.ones(1, 2)).shape
+    >>> jit_load(buf.getvalue())(torch.ones(1, 2)).shape
     torch.Size([1, 2])
     """
-    server = server or os.environ.get("CKPTD_URL")
-    if server:
-        from ._client import shared_client
-
-        return shared_client(server).jit_load(f, map_location, _extra_files)
     with open_source(f) as source:
         return jit_load_source(f, source, map_location, _extra_files)
 

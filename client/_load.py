@@ -1,4 +1,7 @@
-"""``ckptd.load`` and ``ckptd.jit_load``: torch.load's contract, storages read straight into arenas."""
+"""The embedded engine's ``load``: torch.load's contract, storages read straight into arenas.
+
+``ckptd.load`` (``ckptd._api``) calls it when no daemon is asked for.
+"""
 
 from __future__ import annotations
 
@@ -69,10 +72,9 @@ def load(
     prefix: str | None = None,
     select: Select = None,
     progress: Progress | None = None,
-    server: str | None = None,
     **pickle_load_args: Any,
 ) -> Any:
-    """Load a checkpoint exactly as :func:`torch.load` would, storages read straight into arenas.
+    """Load a checkpoint in this process exactly as :func:`torch.load` would (see :func:`ckptd.load`).
 
     ``f`` is a path, a binary file-like object or ``bytes``: a torch.save file (zip or
     legacy), a safetensors file, or a Hugging Face ``*.index.json`` of shards.
@@ -81,22 +83,12 @@ def load(
     tensor, ``select`` (a list of names, or one name start) a dict of them; either reads
     only the storages they need. ``prefix`` is a module-name component saved names may
     lack. ``progress`` is called with each chunk's byte count while storages are read.
-    ``server`` (default: ``$CKPTD_URL``) loads through a daemon's shared cache instead of
-    in this process (see :class:`ckptd.Client`).
 
-    >>> import io, torch, ckptd
+    >>> import io, torch
     >>> buf = io.BytesIO(); torch.save({"w": torch.ones(2)}, buf)
-    >>> ckptd.load(buf.getvalue())
+    >>> load(buf.getvalue())
     {'w': tensor([1., 1.])}
     """
-    server = server or os.environ.get("CKPTD_URL")
-    if server:
-        from ._client import shared_client
-
-        return shared_client(server).load(
-            f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
-            tensor_name=tensor_name, prefix=prefix, select=select, **pickle_load_args,
-        )
     request = make_request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)

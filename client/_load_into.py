@@ -22,7 +22,7 @@ from torch import nn
 from ckptd.formats import FileLike
 
 from ._exceptions import ModelMismatchError, UsageError
-from ._load import load
+from ._api import load
 from ._placement import MapLocation
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def load_into(
     ``load_state_dict`` result (missing and unexpected keys).
 
     ``f`` and ``map_location`` are :func:`ckptd.load`'s; ``server`` (default
-    ``$CKPTD_URL``) loads through the daemon, so every worker's model maps one shared
+    ``ckptd.settings.url``) loads through the daemon, so every worker's model maps one shared
     copy. ``key`` picks the state dict inside a larger checkpoint (``{"model": ...}``).
     Build the model with :func:`meta_parameters` (or ``torch.device("meta")`` when it
     has no non-persistent buffers). Raises :class:`ckptd.ModelMismatchError` when keys

@@ -22,6 +22,7 @@ from ckptd.formats import Layout, Source, StorageRecord, inflate_storage
 from ckptd.gpu import Arena, Copy, allocate, fill, pack
 
 from ._placement import MapLocation, apply_callable, device_for_tag, restore, target_tag
+from ._settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,13 @@ class StorageSet:
         return view
 
 
+def _reader_tunables() -> dict[str, int]:
+    """``fill``'s threads and chunk size from ``ckptd.settings`` (unset: the device layer's defaults)."""
+    current = settings.current()
+    tunables = {"threads": current.reader_threads, "chunk_bytes": current.chunk_bytes}
+    return {name: value for name, value in tunables.items() if value is not None}
+
+
 def read_storages(
     source: Source,
     layout: Layout,
@@ -112,6 +120,8 @@ def read_storages(
     object can be unpickled while the disk is read. ``allocator`` makes the arenas (the
     daemon's are named shared-memory files); ``keep_open`` keeps their descriptors.
     ``skip_data`` places the storages but reads none (``torch.serialization.skip_data``).
+    The reader's threads and chunk size are ``ckptd.settings``' ``reader_threads`` and
+    ``chunk_bytes``, as in effect where this is called.
 
     >>> import io
     >>> from ckptd.formats import open_source, read_layout
@@ -121,6 +131,7 @@ def read_storages(
     >>> storages.get("0", "cpu").nbytes()
     24
     """
+    tunables = _reader_tunables()  # read here: the fill may run on another thread
     result = StorageSet(layout, map_location, frozenset(keys))
     records = [layout.storages[key] for key in keys]
     swap = layout.byteorder != sys.byteorder
@@ -139,7 +150,7 @@ def read_storages(
     def finish() -> None:
         for arena, copies in jobs:
             try:
-                fill(source, arena, copies, progress=progress)
+                fill(source, arena, copies, progress=progress, **tunables)
             finally:
                 if not keep_open:
                     arena.close()  # tensors keep the mapping; the descriptor is not needed in-process

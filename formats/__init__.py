@@ -4,6 +4,23 @@
 :class:`Source` into a :class:`Layout` (storages with file offsets, named tensors, the
 pickle to rebuild from) and checks it whole before anything is allocated.
 
+The public surface (``__all__``; everything else is private):
+
+* reading: :func:`open_source` (a path, file object or bytes as a :class:`Source`;
+  :class:`FileSource`, :data:`FileLike`), :func:`sniff`, :func:`read_layout`;
+* what a reader finds: :class:`Layout` (:class:`Format`, :class:`StorageRecord`,
+  :class:`TensorEntry`), checked whole by :func:`validate`; a deflated record's bytes,
+  :func:`inflate_storage`; the byte order torch assumes where a file records none,
+  :func:`default_load_byteorder`;
+* Hugging Face shard indexes: :func:`is_sharded_index`, :func:`read_sharded_index`,
+  :class:`ShardedIndex`;
+* the root of ckptd's exception tree, :class:`CkptdError`, and the reading errors
+  (:class:`CheckpointError`, :class:`UnsupportedFormatError`,
+  :class:`CheckpointNotFoundError`, :class:`NotFileLikeError`, :class:`NotSeekableError`,
+  :class:`TensorNotFoundError`).
+
+Importing it is torch-free (the readers import torch on first use).
+
 >>> import io, torch
 >>> buf = io.BytesIO(); torch.save({"w": torch.ones(2, 3)}, buf)
 >>> with open_source(buf.getvalue()) as src:
@@ -14,7 +31,9 @@ pickle to rebuild from) and checks it whole before anything is allocated.
 
 from __future__ import annotations
 
+import importlib
 import struct
+from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     CheckpointError,
@@ -25,12 +44,32 @@ from ._errors import (
     TensorNotFoundError,
     UnsupportedFormatError,
 )
-from ._layout import Format, Layout, StorageRecord, TensorEntry, validate
-from ._legacy import is_legacy_tar, read_legacy_layout
-from ._safetensors import read_safetensors_layout
 from ._sharded import ShardedIndex, is_sharded_index, read_sharded_index
 from ._source import FileLike, FileSource, Source, open_source
-from ._zip import default_load_byteorder, has_zip_directory, inflate_storage, is_zip, read_zip_layout
+
+if TYPE_CHECKING:
+    from ._layout import Format, Layout, StorageRecord, TensorEntry, validate
+    from ._zip import default_load_byteorder, inflate_storage
+
+# The readers need torch; the errors, sources and index need only the standard library, so
+# ``import ckptd.formats`` stays torch-free (ckptd's admin commands) until a reader is used.
+_LAZY = {
+    **dict.fromkeys(("Format", "Layout", "StorageRecord", "TensorEntry", "validate"), "._layout"),
+    **dict.fromkeys(("default_load_byteorder", "inflate_storage"), "._zip"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on its first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 __all__ = [
     "CheckpointError",
@@ -69,6 +108,10 @@ def sniff(source: Source) -> Format:
     behind other bytes (which torch.load does not read) is found from its end.
     Raises :class:`CheckpointError` for empty files and anything unrecognised.
     """
+    from ._layout import Format
+    from ._legacy import is_legacy_tar
+    from ._zip import has_zip_directory, is_zip
+
     if source.size == 0:
         raise CheckpointError(source.name, "file is empty")
     head = source.read(0, min(source.size, 9))
@@ -89,6 +132,11 @@ def sniff(source: Source) -> Format:
 
 def read_layout(source: Source) -> Layout:
     """Read any single-file checkpoint's layout (zip, TorchScript, legacy, safetensors)."""
+    from ._layout import Format
+    from ._legacy import read_legacy_layout
+    from ._safetensors import read_safetensors_layout
+    from ._zip import read_zip_layout
+
     fmt = sniff(source)
     if fmt is Format.TORCH_ZIP:
         return read_zip_layout(source)

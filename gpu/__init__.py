@@ -6,7 +6,18 @@ with parallel positional reads. :class:`Devices` is the GPU backend the daemon p
 storages with, by GPU UUID: :class:`CudaDevices` (cupy) or :class:`SimulatedDevices`
 (host memory, for tests); :func:`fill_device` streams file ranges into a GPU buffer
 through host staging. This layer knows nothing of HTTP and touches no device
-until asked to allocate on it.
+until asked to allocate on it; importing it is torch-free (each name imports its module,
+and torch, on first use).
+
+The public surface (``__all__``; everything else is private):
+
+* arenas: :class:`Arena`, :func:`allocate`, :func:`cpu_arena`, :func:`shm_arena`,
+  :func:`map_arena`; their layout: :func:`pack`, :func:`align`, :data:`ALIGNMENT`;
+* reading into them: :class:`Copy`, :func:`fill`, :func:`fill_device`, :func:`chunks`,
+  with :data:`DEFAULT_THREADS` reader threads and :data:`DEFAULT_CHUNK_BYTES` chunks;
+* GPU backends: :class:`Devices` (:class:`CudaDevices`, :class:`SimulatedDevices`,
+  :func:`local_devices`), :class:`DeviceInfo`, :class:`DeviceBuffer`, :class:`StagingPool`;
+* :class:`DeviceError`.
 
 >>> import torch
 >>> from ckptd.formats import open_source
@@ -18,10 +29,36 @@ b'xyz'
 
 from __future__ import annotations
 
-from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, pack, shm_arena
-from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, StagingPool, local_devices
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import DeviceError
-from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
+
+if TYPE_CHECKING:
+    from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, pack, shm_arena
+    from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, StagingPool, local_devices
+    from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
+
+_LAZY = {
+    **dict.fromkeys(("ALIGNMENT", "Arena", "align", "allocate", "cpu_arena", "map_arena", "pack", "shm_arena"), "._arena"),
+    **dict.fromkeys(("CudaDevices", "DeviceBuffer", "DeviceInfo", "Devices", "SimulatedDevices", "StagingPool",
+                     "local_devices"), "._devices"),
+    **dict.fromkeys(("DEFAULT_CHUNK_BYTES", "DEFAULT_THREADS", "Copy", "chunks", "fill", "fill_device"), "._reader"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on its first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "ALIGNMENT",
