@@ -6,6 +6,11 @@ commands (``ls``, ``stats``, ``prefetch``, ``evict``).
 until SIGTERM or SIGINT and exits 0 after a clean shutdown. The admin commands talk to a
 running daemon (``--url``, default ``$CKPTD_URL`` or the default socket).
 
+Importing this module, and the admin commands and ``--help``/``--version``, import neither
+torch nor cupy (a probe's ``ckptd health`` answers in a fraction of a second); ``inspect``
+and ``load`` import torch when they run, ``serve`` the daemon (``ckptd.server``), whose
+settings model makes its flags.
+
 This module is the only place in ckptd that prints. Expected failures (any
 :class:`ckptd.CkptdError`, or the operating system refusing a file) print
 ``ckptd: error: <message>`` to stderr and exit 1; bad arguments exit 2, as argparse does.
@@ -18,7 +23,6 @@ ckptd ...
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -27,12 +31,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, TextIO
-
-import torch
+from typing import TYPE_CHECKING, Any, TextIO
 
 import ckptd
-from ckptd.formats import Layout, TensorEntry
+
+from ._connection import Connection
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckptd.formats import Layout, TensorEntry
 
 # Checkpoints larger than this get a progress bar while their storages are read.
 PROGRESS_THRESHOLD = 256 * 1024 * 1024
@@ -64,6 +72,7 @@ def human_bytes(nbytes: int) -> str:
 def short_dtype(dtype: torch.dtype) -> str:
     """A dtype's name without the ``torch.`` module prefix.
 
+    >>> import torch
     >>> short_dtype(torch.bfloat16)
     'bfloat16'
     """
@@ -87,7 +96,7 @@ def format_shape(shape: Sequence[int]) -> str:
 def layout_summary(layout: Layout) -> dict[str, Any]:
     """A layout as plain JSON-ready data (what ``ckptd inspect --json`` prints).
 
-    >>> import io
+    >>> import io, torch
     >>> buf = io.BytesIO(); torch.save({"w": torch.zeros(2)}, buf)
     >>> summary = layout_summary(ckptd.inspect(buf.getvalue()))
     >>> summary["tensors"][0]["shape"], summary["storage_bytes"]
@@ -188,7 +197,7 @@ def parse_map_location(text: str) -> str | dict[str, str]:
 def bytes_to_read(layout: Layout, select: Sequence[str] | None) -> int:
     """The bytes a load reads: every storage's, or the selected tensors' own bytes.
 
-    >>> import io
+    >>> import io, torch
     >>> buf = io.BytesIO(); torch.save({"a": torch.zeros(2), "b": torch.zeros(3)}, buf)
     >>> layout = ckptd.inspect(buf.getvalue())
     >>> bytes_to_read(layout, None), bytes_to_read(layout, ["b"])
@@ -247,6 +256,8 @@ def load_summary(file: str, nbytes: int, seconds: float, obj: Any) -> dict[str, 
 
 
 def _count_tensors(obj: Any) -> int:
+    import torch  # a load has imported it already
+
     if isinstance(obj, torch.Tensor):
         return 1
     if isinstance(obj, dict):
@@ -298,32 +309,6 @@ def ready_line(urls: Sequence[str]) -> str:
     return "ckptd: serving on " + " and ".join(urls)
 
 
-def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line (None: not given, so the environment decides)."""
-    return {
-        "socket": args.socket,
-        "roots": args.roots,
-        "host": args.host,
-        "port": args.port,
-        "token_file": args.token_file,
-        "allow_insecure_tcp": args.allow_insecure_tcp,
-        "public_metrics": args.public_metrics,
-        "host_budget": args.host_budget,
-        "devices": args.devices,
-        "simulated_gpus": args.simulated_gpus,
-        "gds": args.gds,
-        "gpu_sharing": args.gpu_sharing,
-        "gpu_budget": args.gpu_budget,
-        "host_tier_budget": args.host_tier_budget,
-        "shm_dir": args.shm_dir,
-        "lease_ttl": args.lease_ttl,
-        "request_timeout": args.request_timeout,
-        "keep_alive_timeout": args.keep_alive_timeout,
-        "max_tcp_connections": args.max_tcp_connections,
-        "log_level": args.log_level,
-    }
-
-
 def _configure_logging(level: str) -> None:
     numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=numeric, stream=sys.stderr, format="ckptd: %(levelname)s %(name)s: %(message)s")
@@ -331,14 +316,15 @@ def _configure_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     """``ckptd serve --socket PATH --root DIR ...``: run the daemon until SIGTERM/SIGINT."""
-    server_api = importlib.import_module("ckptd.server")  # the daemon's stack only when serving
-    settings = server_api.load_settings(**_serve_flags(args))
+    from ckptd.server import Server, flags_of, load_settings  # the daemon's stack only when serving
+
+    settings = load_settings(**flags_of(args))
     _configure_logging(settings.log_level)
 
     def announce(urls: list[str]) -> None:
         print(ready_line(urls), file=out, flush=True)
 
-    server_api.Server(settings, on_ready=announce).serve()
+    Server(settings, on_ready=announce).serve()
     _exit_now(0)
     return 0  # not reached
 
@@ -460,11 +446,9 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from ._client import Client  # httpx only when talking to a daemon
-
+def _client(args: argparse.Namespace) -> Connection:
     token = read_token_file(args.token_file) if args.token_file else None
-    return Client(args.url, token=token)
+    return Connection(args.url, token=token)
 
 
 def _emit(args: argparse.Namespace, out: TextIO, data: Any, text: str) -> int:
@@ -512,10 +496,13 @@ def cmd_evict(args: argparse.Namespace, out: TextIO) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve: bool = True) -> argparse.ArgumentParser:
     """The ``ckptd`` argument parser with its subcommands.
 
-    >>> build_parser().parse_args(["inspect", "m.pt", "--json"]).json
+    ``serve=False`` leaves out the flags of ``serve`` (made from the daemon's settings
+    model, which needs the ``server`` extra): what every other command parses with.
+
+    >>> build_parser(serve=False).parse_args(["inspect", "m.pt", "--json"]).json
     True
     """
     parser = argparse.ArgumentParser(prog="ckptd", description="Inspect and load PyTorch checkpoints; run and administer the ckptd daemon.")
@@ -523,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_inspect(commands)
     _add_load(commands)
-    _add_serve(commands)
+    _add_serve(commands, flags=serve)
     _add_admin(commands)
     return parser
 
@@ -554,35 +541,12 @@ def _add_load(commands: Any) -> None:
     sub.set_defaults(handler=cmd_load)
 
 
-def _add_serve(commands: Any) -> None:
-    sub = commands.add_parser("serve", help="run the daemon (flags override CKPTD_* variables)")
-    sub.add_argument("--socket", metavar="PATH", help="Unix socket (default: $XDG_RUNTIME_DIR/ckptd.sock)")
-    sub.add_argument("--root", dest="roots", action="append", metavar="DIR",
-                     help="directory the daemon may load from (repeatable; CKPTD_ROOTS=dir1:dir2)")
-    sub.add_argument("--host", metavar="H", help="TCP host (default 127.0.0.1)")
-    sub.add_argument("--port", type=int, metavar="P", help="also listen on TCP (needs --token-file)")
-    sub.add_argument("--token-file", metavar="F", help="owner-only file holding the bearer token")
-    sub.add_argument("--allow-insecure-tcp", action="store_true", default=None, help="allow TCP without a token")
-    sub.add_argument("--public-metrics", action="store_true", default=None,
-                     help="serve /metrics without the token (for Prometheus scraping by annotation)")
-    sub.add_argument("--host-budget", metavar="SIZE", help="host memory budget: bytes, 16GiB, 500MB or 75%% (default 50%%)")
-    sub.add_argument("--devices", choices=("auto", "cuda", "simulated", "none"),
-                     help="GPU backend (default auto: CUDA through cupy where there are GPUs)")
-    sub.add_argument("--simulated-gpus", type=int, metavar="N", help="fake GPUs for --devices simulated (tests)")
-    sub.add_argument("--gds", action="store_true", default=None,
-                     help="read files straight into GPU memory with GPUDirect Storage (kvikio); falls back to staging")
-    sub.add_argument("--gpu-sharing", choices=("ipc", "vmm"),
-                     help="how workers map GPU arenas: ipc (legacy, read-write; default) or vmm (read-only)")
-    sub.add_argument("--gpu-budget", metavar="SPEC", help="per-GPU budget: cuda:0=40GiB,cuda:1=40GiB (default 90%% of each)")
-    sub.add_argument("--host-tier-budget", metavar="SIZE", help="host memory for evicted GPU arenas (default 25%% of RAM)")
-    sub.add_argument("--shm-dir", metavar="D", help="where CPU arenas live (default /dev/shm)")
-    sub.add_argument("--lease-ttl", type=float, metavar="S", help="seconds a lease lives unrenewed (default 30)")
-    sub.add_argument("--request-timeout", type=float, metavar="S",
-                     help="seconds a request may take to arrive whole (default 10); slower connections are closed")
-    sub.add_argument("--keep-alive-timeout", type=float, metavar="S", help="seconds an idle connection stays open (default 5)")
-    sub.add_argument("--max-tcp-connections", type=int, metavar="N",
-                     help="TCP connections at once (default 64); the Unix socket is not limited")
-    sub.add_argument("--log-level", metavar="LEVEL", help="critical, error, warning, info (default), debug, trace")
+def _add_serve(commands: Any, *, flags: bool) -> None:
+    sub = commands.add_parser("serve", help="run the daemon (flags override CKPTD_* variables)", add_help=flags)
+    if flags:
+        from ckptd.server import add_arguments  # one flag per setting of the daemon's settings model
+
+        add_arguments(sub)
     sub.set_defaults(handler=cmd_serve)
 
 
@@ -617,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["inspect", "/no/such/file.pt"])  # prints "ckptd: error: ..." to stderr
     1
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(serve=argv[:1] == ["serve"])  # no pydantic, no torch for the other commands
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

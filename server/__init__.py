@@ -1,8 +1,10 @@
 """The ckptd daemon: one shared checkpoint cache per host, served to worker processes.
 
-Built on the embedded engine (``ckptd.load``); its HTTP layer knows nothing of CUDA.
-Settings come from :func:`load_settings` (flags > ``CKPTD_*`` variables > defaults) and
-are passed explicitly; :class:`Server` binds the sockets and runs the app that
+Built on the embedded engine (through ``ckptd.internals``); its HTTP layer knows nothing
+of CUDA. :class:`Settings` is the settings model: :func:`load_settings` builds it (flags >
+``CKPTD_*`` variables > defaults) and it is passed explicitly; :func:`add_arguments` makes
+``ckptd serve``'s flags from it and :func:`flags_of` reads them back; :func:`settings_table`
+is the README's table. :class:`Server` binds the sockets and runs the app that
 :func:`create_app` builds around the cache.
 
 >>> import tempfile
@@ -13,7 +15,7 @@ are passed explicitly; :class:`Server` binds the sockets and runs the app that
 """
 
 from ._app import create_app
-from ._config import Settings, load_settings
+from ._config import Settings, add_arguments, flags_of, load_settings, settings_table
 from ._server import Server
 
-__all__ = ["Server", "Settings", "create_app", "load_settings"]
+__all__ = ["Server", "Settings", "add_arguments", "create_app", "flags_of", "load_settings", "settings_table"]

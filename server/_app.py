@@ -48,8 +48,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ckptd
-from ckptd._exceptions import AuthenticationError, CkptdError, DaemonError, UsageError
-from ckptd._wire import error_body, status_for
+from ckptd import AuthenticationError, CkptdError, DaemonError, UsageError
+from ckptd.internals import error_body, status_for
 
 from ._config import Settings
 from ._metrics import Metrics

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ckptd._exceptions import (
+from ckptd import (
     CheckpointBusyError,
     DeviceError,
     OverBudgetError,
@@ -38,11 +38,7 @@ from ckptd._exceptions import (
     UnsupportedFormatError,
     UsageError,
 )
-from ckptd._load import keys_of, wanted_entries
-from ckptd._manifest import ArenaInfo, Manifest, Placement
-from ckptd._placement import target_tag
-from ckptd._select import Select
-from ckptd._storages import read_storages
+from ckptd.internals import ArenaInfo, Manifest, Placement, Select, keys_of, read_storages, target_tag, wanted_entries
 from ckptd.formats import (
     CheckpointError,
     CheckpointNotFoundError,

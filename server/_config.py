@@ -1,66 +1,44 @@
 """The daemon's settings: built once (flags > ``CKPTD_*`` environment > defaults), then passed.
 
-Every field can be set by a ``ckptd serve`` flag or a ``CKPTD_<FIELD>`` variable:
+:class:`Settings` is the one place a setting is written: its field (type, default,
+checks) and its description there make the ``ckptd serve`` flag (:func:`add_arguments`),
+the ``CKPTD_<FIELD>`` variable and the README's settings table (:func:`settings_table`);
+``tests/server/test_config.py`` checks that all of them agree.
 
-===================  ======================  =============================================
-field                variable                default
-===================  ======================  =============================================
-socket               CKPTD_SOCKET            ``$XDG_RUNTIME_DIR/ckptd.sock``, else
-                                             ``/tmp/ckptd-<uid>/ckptd.sock``
-roots                CKPTD_ROOTS             (required) directories, ``:``-separated
-host, port           CKPTD_HOST, CKPTD_PORT  ``127.0.0.1``, no TCP
-token_file           CKPTD_TOKEN_FILE        none (owner-only file holding the token)
-allow_insecure_tcp   CKPTD_ALLOW_INSECURE_TCP  false: TCP needs a token
-public_metrics       CKPTD_PUBLIC_METRICS    false: ``/metrics`` needs the token too
-host_budget          CKPTD_HOST_BUDGET       50% of RAM; ``16GiB``, ``500MB``, ``75%``
-devices              CKPTD_DEVICES           ``auto``: CUDA through cupy where there are GPUs;
-                                             ``cuda``, ``simulated`` (tests), ``none``
-simulated_gpus       CKPTD_SIMULATED_GPUS    0 (how many with ``devices=simulated``)
-gds                  CKPTD_GDS               false: GPUDirect Storage reads through kvikio
-gpu_sharing          CKPTD_GPU_SHARING       ``ipc``: legacy CUDA IPC handles; ``vmm``: read-only
-                                             client mappings (CUDA virtual memory management)
-gpu_budget           CKPTD_GPU_BUDGET        90% of each GPU; ``cuda:0=40GiB,cuda:1=40GiB`` or JSON
-host_tier_budget     CKPTD_HOST_TIER_BUDGET  25% of RAM: host copies of evicted GPU arenas
-shm_dir              CKPTD_SHM_DIR           ``/dev/shm``
-lease_ttl            CKPTD_LEASE_TTL         30 seconds
-max_body_bytes       CKPTD_MAX_BODY_BYTES    1 MiB
-request_timeout      CKPTD_REQUEST_TIMEOUT   10 seconds for a request to arrive whole, counted
-                                             from its connection's opening or last response
-keep_alive_timeout   CKPTD_KEEP_ALIVE_TIMEOUT  5 seconds an idle connection stays open
-max_tcp_connections  CKPTD_MAX_TCP_CONNECTIONS  64 (more are closed at once; the Unix socket has
-                                             no limit, so local workers are never locked out)
-log_level            CKPTD_LOG_LEVEL         ``info``
-===================  ======================  =============================================
-
-A ``CKPTD_*`` variable that names no field is an error (``CKPTD_URL`` and ``CKPTD_TOKEN``
-belong to the client and are left alone), so a misspelt variable never goes unnoticed.
-The variables Kubernetes injects for a Service named ``ckptd`` (``CKPTD_SERVICE_HOST``,
-``CKPTD_SERVICE_PORT[_NAME]``, ``CKPTD_PORT_8750_TCP[_PROTO|_PORT|_ADDR]``, and
-``CKPTD_PORT=tcp://10.0.0.1:8750``) are not settings and are ignored.
+A ``CKPTD_*`` variable that names no field is an error (the client's own variables,
+``CKPTD_URL``, ``CKPTD_TOKEN`` ... of ``ckptd.settings``, are left alone), so a misspelt
+variable never goes unnoticed. The variables Kubernetes injects for a Service named
+``ckptd`` (``CKPTD_SERVICE_HOST``, ``CKPTD_SERVICE_PORT[_NAME]``,
+``CKPTD_PORT_8750_TCP[_PROTO|_PORT|_ADDR]``, and ``CKPTD_PORT=tcp://10.0.0.1:8750``) are
+not settings and are ignored. Sizes mean what Kubernetes and pydantic's ``ByteSize``
+mean: ``16G``/``16GB`` are 16·10^9 bytes, ``16Gi``/``16GiB`` 16·2^30; budgets also take a
+share of RAM, ``75%``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import re
 import stat
+import typing
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ckptd._client import default_socket
-from ckptd._exceptions import UsageError
+from ckptd import UsageError
+from ckptd.internals import client_variables, default_socket
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "CKPTD_"
-CLIENT_VARIABLES = frozenset({"CKPTD_URL", "CKPTD_TOKEN"})
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 # Docker-links-style variables Kubernetes sets for a Service named ``ckptd`` (unless the
@@ -69,14 +47,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVICE_LINK = re.compile(r"^CKPTD_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)$")
 _SERVICE_LINK_URL = re.compile(r"^(tcp|udp|sctp)://", re.IGNORECASE)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kb": 1000, "kib": 1024,
-    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
-}  # fmt: skip
+# What ByteSize reads, whole (ByteSize alone would take "1.2.3G" as 1 byte); Kubernetes'
+# "Gi" is ByteSize's "GiB".
+_SIZE = re.compile(r"^\s*(\d*\.?\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,10 +75,11 @@ def host_memory() -> int:
 
 
 def parse_size(value: str | int, *, total: int | None = None) -> int:
-    """A byte count from ``123``, ``"500MB"`` (10^6), ``"16GiB"``/``"16G"`` (2^30) or ``"75%"`` of ``total``.
+    """A byte count as pydantic's ``ByteSize`` reads it (``"16GiB"``/``"16Gi"``: 2^30,
+    ``"16G"``/``"16GB"``: 10^9), or ``"75%"`` of ``total``.
 
-    >>> parse_size("16GiB"), parse_size("500MB"), parse_size("1.5k"), parse_size(42)
-    (17179869184, 500000000, 1536, 42)
+    >>> parse_size("16GiB"), parse_size("16Gi"), parse_size("16G"), parse_size("1.5k"), parse_size(42)
+    (17179869184, 17179869184, 16000000000, 1500, 42)
     >>> parse_size("75%", total=1000)
     750
     """
@@ -116,10 +91,13 @@ def parse_size(value: str | int, *, total: int | None = None) -> int:
     if text.endswith("%"):
         return _percent(text, total)
     match = _SIZE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{value!r} is not a size (examples: 1073741824, 500MB, 16GiB, 75%)")
-    return _non_negative(int(float(match.group(1)) * _UNITS[unit]))
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (examples: 1073741824, 500MB, 16GiB, 16Gi, 75%)")
+    unit = match.group(2) + ("B" if match.group(2).lower().endswith("i") else "")
+    try:
+        return int(_BYTE_SIZE.validate_python(match.group(1) + unit))
+    except ValidationError:
+        raise ValueError(f"{value!r} is not a size (examples: 1073741824, 500MB, 16GiB, 16Gi, 75%)") from None
 
 
 def _percent(text: str, total: int | None) -> int:
@@ -144,8 +122,21 @@ def _default_host_budget() -> int:
     return host_memory() // 2
 
 
+def _default_host_tier_budget() -> int:
+    return host_memory() // 4
+
+
 def _default_socket() -> Path:
-    return Path(default_socket())
+    return Path(default_socket(os.environ))
+
+
+def setting(description: str, *, default_text: str, flag: str | None = None, metavar: str | None = None,
+            **field: Any) -> Any:  # fmt: skip
+    """A :class:`Settings` field with what its flag and the README say: ``description``,
+    ``default_text`` (the default as a user reads it), the flag when not ``--<field>``,
+    and the flag's metavar (``SIZE`` for a value :func:`parse_size` reads)."""
+    extra = {"default_text": default_text, "flag": flag, "metavar": metavar}
+    return Field(description=description, json_schema_extra={k: v for k, v in extra.items() if v is not None}, **field)
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,7 +145,8 @@ def _default_socket() -> Path:
 
 
 class Settings(BaseSettings):
-    """Everything the daemon is configured with; immutable.
+    """Everything the daemon is configured with; immutable. Each field is one setting: its
+    description, flag and variable are written here only.
 
     >>> import tempfile
     >>> root = tempfile.mkdtemp()
@@ -165,27 +157,59 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
-    socket: Path = Field(default_factory=_default_socket, validate_default=True)
-    roots: Annotated[tuple[Path, ...], NoDecode]
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=0, le=65535)
-    token_file: Path | None = None
-    allow_insecure_tcp: bool = False
-    public_metrics: bool = False  # Prometheus annotation scraping sends no token
-    host_budget: int = Field(default_factory=_default_host_budget)
-    devices: Literal["auto", "cuda", "simulated", "none"] = "auto"
-    simulated_gpus: int = Field(default=0, ge=0)
-    gds: bool = False
-    gpu_sharing: Literal["ipc", "vmm"] = "ipc"
-    gpu_budget: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
-    host_tier_budget: int = Field(default_factory=lambda: host_memory() // 4)
-    shm_dir: Path = Path("/dev/shm")
-    lease_ttl: float = Field(default=30.0, gt=0)
-    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
-    request_timeout: float = Field(default=10.0, gt=0)
-    keep_alive_timeout: float = Field(default=5.0, gt=0)
-    max_tcp_connections: int = Field(default=64, ge=1)
-    log_level: str = "info"
+    socket: Path = setting(
+        "the daemon's Unix socket (owner-only)", metavar="PATH",
+        default_text="`$XDG_RUNTIME_DIR/ckptd.sock`, else `/tmp/ckptd-<uid>/ckptd.sock`",
+        default_factory=_default_socket, validate_default=True,
+    )
+    roots: Annotated[tuple[Path, ...], NoDecode] = setting(
+        "directories the daemon may load from (repeat the flag; the variable is `:`-separated)",
+        flag="--root", metavar="DIR", default_text="(required)",
+    )
+    host: str = setting("TCP host", metavar="H", default_text="`127.0.0.1`", default="127.0.0.1")
+    port: int | None = setting("also listen on TCP at this port (needs a token)", metavar="P", default_text="no TCP",
+                               default=None, ge=0, le=65535)  # fmt: skip
+    token_file: Path | None = setting("owner-only file holding the bearer token", metavar="F", default_text="none",
+                                      default=None)  # fmt: skip
+    allow_insecure_tcp: bool = setting("allow TCP without a token", default_text="false", default=False)
+    public_metrics: bool = setting(  # Prometheus annotation scraping sends no token
+        "serve `/metrics` without the token (for Prometheus scraping by annotation)", default_text="false",
+        default=False,
+    )
+    host_budget: int = setting("host memory for cached checkpoints: bytes, `16GiB`, `16G`, `500MB` or `75%`",
+                               metavar="SIZE", default_text="50% of RAM", default_factory=_default_host_budget)  # fmt: skip
+    devices: Literal["auto", "cuda", "simulated", "none"] = setting(
+        "GPU backend: `auto` (CUDA through cupy where there are GPUs), `cuda`, `simulated` (tests), `none`",
+        default_text="`auto`", default="auto",
+    )
+    simulated_gpus: int = setting("how many fake GPUs `--devices simulated` makes (tests)", metavar="N",
+                                  default_text="0", default=0, ge=0)  # fmt: skip
+    gds: bool = setting("read files straight into GPU memory with GPUDirect Storage (kvikio); falls back to staging",
+                        default_text="false", default=False)  # fmt: skip
+    gpu_sharing: Literal["ipc", "vmm"] = setting(
+        "how workers map GPU arenas: `ipc` (legacy CUDA IPC handles, read-write) or `vmm` (read-only)",
+        default_text="`ipc`", default="ipc",
+    )
+    gpu_budget: Annotated[dict[str, int], NoDecode] = setting(
+        "per-GPU budget by the daemon's ordinals: `cuda:0=40GiB,cuda:1=40GiB` or JSON", metavar="SPEC",
+        default_text="90% of each GPU", default_factory=dict,
+    )
+    host_tier_budget: int = setting("host memory for GPU arenas evicted from their GPU", metavar="SIZE",
+                                    default_text="25% of RAM", default_factory=_default_host_tier_budget)  # fmt: skip
+    shm_dir: Path = setting("where CPU arenas live", metavar="D", default_text="`/dev/shm`", default=Path("/dev/shm"))
+    lease_ttl: float = setting("seconds a lease lives unrenewed", metavar="S", default_text="30", default=30.0, gt=0)
+    max_body_bytes: int = setting("largest request body the daemon reads", metavar="SIZE", default_text="1 MiB",
+                                  default=1024 * 1024, gt=0)  # fmt: skip
+    request_timeout: float = setting(
+        "seconds a request may take to arrive whole; slower connections are closed (408 when part came)",
+        metavar="S", default_text="10", default=10.0, gt=0,
+    )
+    keep_alive_timeout: float = setting("seconds an idle connection stays open", metavar="S", default_text="5",
+                                        default=5.0, gt=0)  # fmt: skip
+    max_tcp_connections: int = setting("TCP connections at once (the Unix socket is not limited)", metavar="N",
+                                       default_text="64", default=64, ge=1)  # fmt: skip
+    log_level: str = setting(f"log level: {', '.join(LOG_LEVELS)}", metavar="LEVEL", default_text="`info`",
+                             default="info")  # fmt: skip
 
     @field_validator("socket")
     @classmethod
@@ -222,15 +246,15 @@ class Settings(BaseSettings):
     def _check_shm_dir(cls, value: Path) -> Path:
         return _existing_dir(value)
 
-    @field_validator("host_budget", mode="before")
+    @field_validator("host_budget", "host_tier_budget", mode="before")
     @classmethod
-    def _parse_host_budget(cls, value: Any) -> Any:
+    def _parse_budget(cls, value: Any) -> Any:
         return parse_size(value, total=host_memory()) if isinstance(value, str) else value
 
-    @field_validator("host_tier_budget", mode="before")
+    @field_validator("max_body_bytes", mode="before")
     @classmethod
-    def _parse_host_tier_budget(cls, value: Any) -> Any:
-        return parse_size(value, total=host_memory()) if isinstance(value, str) else value
+    def _parse_size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("gpu_budget", mode="before")
     @classmethod
@@ -328,8 +352,8 @@ def read_token(path: Path) -> str:
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
-    """``CKPTD_*`` variables that name no setting (the client's ``CKPTD_URL``/``CKPTD_TOKEN``
-    and Kubernetes' service links excepted).
+    """``CKPTD_*`` variables that name no setting (the client's, ``ckptd.settings``, and
+    Kubernetes' service links excepted).
 
     >>> unknown_variables({"CKPTD_ROOTS": "/m", "CKPTD_URL": "unix:///s", "CKPTD_ROOT": "/m", "PATH": "/bin"})
     ['CKPTD_ROOT']
@@ -337,11 +361,10 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     []
     """
     environ = os.environ if environ is None else environ
-    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = set(variables().values()) | client_variables()
     return sorted(
         key for key in environ
-        if key.upper().startswith(ENV_PREFIX) and key.upper() not in fields | CLIENT_VARIABLES
-        and not SERVICE_LINK.match(key.upper())
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known and not SERVICE_LINK.match(key.upper())
     )  # fmt: skip
 
 
@@ -358,11 +381,13 @@ def load_settings(**flags: Any) -> Settings:
     >>> load_settings(roots=["/no/such/dir"])
     Traceback (most recent call last):
     ...
-    ckptd._exceptions.UsageError: invalid settings: roots: /no/such/dir: no such directory
+    ckptd.UsageError: invalid settings: roots: /no/such/dir: no such directory
     """
     unknown = unknown_variables()
     if unknown:
-        raise UsageError(f"unknown environment variable(s) {', '.join(unknown)}; the settings are {_variables()}")
+        raise UsageError(
+            f"unknown environment variable(s) {', '.join(unknown)}; the settings are {', '.join(variables().values())}"
+        )
     given = {name: value for name, value in flags.items() if value is not None}
     try:
         settings = Settings(**given)
@@ -372,8 +397,85 @@ def load_settings(**flags: Any) -> Settings:
     return settings
 
 
-def _variables() -> str:
-    return ", ".join(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+def variables() -> dict[str, str]:
+    """Each setting's environment variable.
+
+    >>> variables()["max_body_bytes"]
+    'CKPTD_MAX_BODY_BYTES'
+    """
+    return {name: ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+# ---------------------------------------------------------------------------------------
+# Flags and the README's table, from the model
+# ---------------------------------------------------------------------------------------
+
+
+def flag_of(name: str) -> str:
+    """The ``ckptd serve`` flag of setting ``name``.
+
+    >>> flag_of("host_budget"), flag_of("roots")
+    ('--host-budget', '--root')
+    """
+    return str(_extra(Settings.model_fields[name]).get("flag") or "--" + name.replace("_", "-"))
+
+
+def _extra(info: FieldInfo) -> dict[str, Any]:
+    extra = info.json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting on ``parser`` (what ``ckptd serve`` takes); an absent flag is None.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> flags = parser.parse_args(["--root", "/m", "--root", "/n", "--port", "8750", "--gds"])
+    >>> flags.roots, flags.port, flags.gds, flags.host_budget
+    (['/m', '/n'], 8750, True, None)
+    """
+    for name, info in Settings.model_fields.items():
+        extra = _extra(info)
+        helptext = f"{info.description} (default: {extra['default_text']}; ${ENV_PREFIX}{name.upper()})"
+        kwargs: dict[str, Any] = {"dest": name, "help": helptext.replace("`", "").replace("%", "%%")}
+        kwargs.update(_argument_kind(name, info, extra))
+        parser.add_argument(flag_of(name), **kwargs)
+
+
+def _argument_kind(name: str, info: FieldInfo, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """How argparse reads one setting: a switch, a choice, a number, or text the model parses."""
+    kind = info.annotation
+    args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if kind is bool:
+        return {"action": "store_true", "default": None}
+    if typing.get_origin(kind) is Literal:
+        return {"choices": args}
+    metavar = extra.get("metavar")
+    if name == "roots":
+        return {"action": "append", "metavar": metavar}
+    number = kind if kind in (int, float) else args[0] if len(args) == 1 and args[0] in (int, float) else None
+    if number is not None and metavar != "SIZE":
+        return {"type": number, "metavar": metavar}
+    return {"metavar": metavar}
+
+
+def flags_of(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (None: not given, so the environment decides)."""
+    return {name: getattr(namespace, name, None) for name in Settings.model_fields}
+
+
+def settings_table() -> list[str]:
+    """The README's table of settings (Markdown lines): flag, variable, default, meaning.
+
+    >>> print(settings_table()[4])
+    | `--host H` | `CKPTD_HOST` | `127.0.0.1` | TCP host |
+    """
+    lines = ["| flag | variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        extra = _extra(info)
+        flag = flag_of(name) + (f" {extra['metavar']}" if extra.get("metavar") else "")
+        lines.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | {extra['default_text']} | {info.description} |")
+    return lines
 
 
 def _describe(exc: ValidationError) -> str:

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ckptd._exceptions import OverBudgetError, UsageError
-from ckptd._manifest import ArenaInfo, Placement
+from ckptd import OverBudgetError, UsageError
+from ckptd.internals import ArenaInfo, Placement
 from ckptd.formats import Layout
 from ckptd.gpu import Copy, DeviceBuffer, Devices, pack
 

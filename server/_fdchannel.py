@@ -19,8 +19,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptd._exceptions import CkptdError, UsageError
-from ckptd._wire import error_body
+from ckptd import CkptdError, UsageError
+from ckptd.internals import error_body
 from ckptd.gpu import DeviceBuffer
 
 logger = logging.getLogger(__name__)

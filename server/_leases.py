@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckptd._exceptions import LeaseLostError
+from ckptd import LeaseLostError
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from ckptd._exceptions import DaemonError, UsageError
+from ckptd import DaemonError, UsageError
 from ckptd.gpu import CudaDevices, Devices, SimulatedDevices
 
 from ._app import create_app, end_sessions
@@ -101,7 +101,7 @@ class Server:
     """
 
     def __init__(self, settings: Settings, *, on_ready: OnReady | None = None) -> None:
-        _check_tcp(settings)
+        _read_token(settings)
         self.settings = settings
         self.on_ready = on_ready
         self.metrics = Metrics()
@@ -379,10 +379,9 @@ def _tcp_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _check_tcp(settings: Settings) -> None:
-    """Refuse TCP without a token (unless allowed); read the token now, so a bad file fails at start."""
+def _read_token(settings: Settings) -> None:
+    """Read the token now, so a bad file fails at start (:class:`Settings` refuses TCP
+    without a token unless allowed); warn when TCP runs without one."""
     token = settings.token
-    if settings.port is not None and token is None and not settings.allow_insecure_tcp:
-        raise UsageError("TCP without a token is refused: give --token-file, or --allow-insecure-tcp")
     if settings.port is not None and token is None:
         logger.warning("TCP on port %d without a token: anyone who can reach it can use the daemon", settings.port)

@@ -1,8 +1,11 @@
-"""The daemon's settings: precedence, sizes, the environment, TCP and token rules, socket paths."""
+"""The daemon's settings: precedence, sizes, the environment, TCP and token rules, socket paths,
+and the one schema (flags, variables and the README's table all come from the model)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +14,9 @@ import pytest
 from pydantic import ValidationError
 
 from ckptd import UsageError
-from ckptd.server import Settings, load_settings
-from ckptd.server._config import MAX_SOCKET_PATH, host_memory, parse_size, unknown_variables
+from ckptd._cli import build_parser
+from ckptd.server import Settings, flags_of, load_settings, settings_table
+from ckptd.server._config import MAX_SOCKET_PATH, flag_of, host_memory, parse_size, unknown_variables, variables
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +182,9 @@ def test_unknown_flag_is_rejected(root: Path) -> None:
         ("123", 123),
         (456, 456),
         ("16GiB", 16 << 30),
-        ("16G", 16 << 30),
+        ("16G", 16 * 10**9),  # pydantic ByteSize and Kubernetes: G is decimal
+        ("16Gi", 16 << 30),  # Kubernetes' binary suffix
+        ("48Gi", 48 << 30),
         ("16gib", 16 << 30),
         ("500MB", 500_000_000),
         ("500 MiB", 500 << 20),
@@ -192,7 +198,7 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "12QB", "-5", "1.2.3G", "lots"])
+@pytest.mark.parametrize("text", ["", "GiB", "12QB", "-5", "1.2.3G", "lots", "16Gx", "1e3"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
@@ -380,3 +386,90 @@ def test_gpu_tier_from_settings(root: Path) -> None:
     assert tier.budgets[uuids[1]] == 1 << 30 and tier.budgets[uuids[0]] == int(16 * (1 << 30) * 0.9)
     with pytest.raises(UsageError, match=r"gpu_budget names \['cuda:5'\]"):
         device_tier(_settings(root, devices="simulated", simulated_gpus=2, gpu_budget="cuda:5=1GiB"))
+
+
+# --- one schema: flags, variables, the README's table -----------------------------------
+
+
+def _serve_help() -> str:
+    proc = subprocess.run([sys.executable, "-m", "ckptd", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_serve_help_lists_every_setting_with_its_variable() -> None:
+    text = " ".join(_serve_help().split())  # argparse wraps lines
+    for name in Settings.model_fields:
+        assert flag_of(name) in text, name
+        assert f"$CKPTD_{name.upper()}" in text, name
+
+
+def test_every_setting_has_a_flag_that_sets_it(root: Path, tmp_path: Path) -> None:
+    """Each flag reaches its field: ``ckptd serve``'s parser, fed one flag per setting, builds
+    the settings it names (max_body_bytes included)."""
+    token = _token_file(tmp_path)
+    argv = [
+        "serve", "--socket", "/tmp/ckcfg/f.sock", "--root", str(root), "--host", "::1", "--port", "0",
+        "--token-file", str(token), "--allow-insecure-tcp", "--public-metrics", "--host-budget", "2Gi",
+        "--devices", "simulated", "--simulated-gpus", "2", "--gds", "--gpu-sharing", "vmm",
+        "--gpu-budget", "cuda:0=1G", "--host-tier-budget", "3GiB", "--shm-dir", str(root), "--lease-ttl", "4",
+        "--max-body-bytes", "2MiB", "--log-level", "debug",
+    ]  # fmt: skip
+    flags = flags_of(build_parser().parse_args(argv))
+    assert set(flags) == set(Settings.model_fields)
+    assert all(value is not None for value in flags.values()), flags  # every setting has its flag
+    s = load_settings(**flags)
+    assert (s.socket, s.roots, s.host, s.port, s.token_file) == (Path("/tmp/ckcfg/f.sock"), (root.resolve(),), "::1", 0, token)
+    assert (s.allow_insecure_tcp, s.public_metrics, s.gds) == (True, True, True)
+    assert (s.host_budget, s.host_tier_budget, s.gpu_budget) == (2 << 30, 3 << 30, {"cuda:0": 10**9})
+    assert (s.devices, s.simulated_gpus, s.gpu_sharing, s.shm_dir) == ("simulated", 2, "vmm", root.resolve())
+    assert (s.lease_ttl, s.max_body_bytes, s.log_level) == (4.0, 2 << 20, "debug")
+
+
+def test_every_setting_has_its_variable(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    assert set(variables()) == set(Settings.model_fields)
+    clean_env.setenv("CKPTD_MAX_BODY_BYTES", "64KiB")
+    clean_env.setenv("CKPTD_HOST_TIER_BUDGET", "1G")
+    s = _settings(root)
+    assert (s.max_body_bytes, s.host_tier_budget) == (64 << 10, 10**9)
+    assert unknown_variables({v: "1" for v in variables().values()}) == []
+
+
+def test_readme_settings_table_is_the_models() -> None:
+    """The README's table is :func:`settings_table`'s output, between its markers."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start, end = "<!-- settings-table: generated from ckptd.server.Settings -->", "<!-- /settings-table -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0].strip().splitlines()
+    assert table == settings_table()
+    assert len(table) == 2 + len(Settings.model_fields)
+
+
+def test_client_variables_are_left_to_the_client(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    """The client's settings (ckptd.settings) are not the daemon's, and not refused by it."""
+    for variable in ("CKPTD_URL", "CKPTD_TOKEN", "CKPTD_READER_THREADS", "CKPTD_CHUNK_BYTES", "CKPTD_TIMEOUT"):
+        clean_env.setenv(variable, "1")
+    assert _settings(root).token is None
+    assert not set(variables().values()) & {"CKPTD_URL", "CKPTD_TOKEN", "CKPTD_TIMEOUT"}
+
+
+@pytest.mark.parametrize(
+    "text", ["0", "7", "7B", "1.5KiB", "1.5kib", "2kb", "2k", "16G", "16GB", "16g", "16GiB", "16Gi", "48Gi", "500 MiB",
+             "1TiB", "1Ti", "3T", "2PiB", "1EiB", "0.5Mi"],
+)  # fmt: skip
+def test_client_and_daemon_read_sizes_alike(text: str) -> None:
+    """The client's size parser (no pydantic) agrees with the daemon's (pydantic's ByteSize)."""
+    from ckptd.internals import parse_size as client_parse_size
+
+    assert client_parse_size(text) == parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "12QB", "-5", "1.2.3G", "lots", "16Gx", "1e3"])
+def test_client_and_daemon_refuse_the_same_sizes(text: str) -> None:
+    from ckptd.internals import parse_size as client_parse_size
+
+    with pytest.raises(ValueError):
+        client_parse_size(text)
+    with pytest.raises(ValueError):
+        parse_size(text)
+
