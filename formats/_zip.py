@@ -251,7 +251,7 @@ def inflate_storage(source: Source, record: StorageRecord) -> bytearray:
     >>> from ckptd.formats import open_source, read_layout
     >>> src = open_source(out.getvalue()); record = read_layout(src).storages["0"]
     >>> record.compressed_size < record.nbytes, bytes(inflate_storage(src, record)[:4])
-    (True, b'\x00\x00\x00\x00')
+    (True, b'\\x00\\x00\\x00\\x00')
     """
     assert record.compressed_size is not None
     out = bytearray(record.inflated_size)
