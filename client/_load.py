@@ -33,12 +33,12 @@ from ckptd.formats import (
     TensorEntry,
     default_load_byteorder,
     is_sharded_index,
+    no_gc,
     open_source,
     read_layout,
     read_sharded_index,
     sniff,
 )
-from ckptd.formats._pickle_scan import no_gc
 
 from ._exceptions import UnpicklingError, UsageError
 from ._placement import MapLocation, target_tag

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import _weights_only_unpickler
 
-from ckptd.formats import Format, Layout
-from ckptd.formats._pickle_scan import Call, Global, PersistentId, ScanResult, no_gc, scan, storage_dtype
+from ckptd.formats import Call, Format, Global, Layout, PersistentId, ScanResult, no_gc, scan, storage_dtype
 
 from ._storages import StorageSet
 

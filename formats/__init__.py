@@ -12,6 +12,10 @@ The public surface (``__all__``; everything else is private):
   :class:`TensorEntry`), checked whole by :func:`validate`; a deflated record's bytes,
   :func:`inflate_storage`; the byte order torch assumes where a file records none,
   :func:`default_load_byteorder`;
+* the pickle, interpreted without running it: :func:`scan` gives a :class:`ScanResult`
+  whose objects are :class:`Call` records, :class:`Global` stubs and :class:`PersistentId`
+  storage references; :func:`storage_dtype` names a storage class's dtype; :func:`no_gc`
+  pauses the collector while many records are built;
 * Hugging Face shard indexes: :func:`is_sharded_index`, :func:`read_sharded_index`,
   :class:`ShardedIndex`;
 * the root of ckptd's exception tree, :class:`CkptdError`, and the reading errors
@@ -49,6 +53,7 @@ from ._source import FileLike, FileSource, Source, open_source
 
 if TYPE_CHECKING:
     from ._layout import Format, Layout, StorageRecord, TensorEntry, validate
+    from ._pickle_scan import Call, Global, PersistentId, ScanResult, no_gc, scan, storage_dtype
     from ._zip import default_load_byteorder, inflate_storage
 
 # The readers need torch; the errors, sources and index need only the standard library, so
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(("Format", "Layout", "StorageRecord", "TensorEntry", "validate"), "._layout"),
     **dict.fromkeys(("default_load_byteorder", "inflate_storage"), "._zip"),
+    **dict.fromkeys(("Call", "Global", "PersistentId", "ScanResult", "no_gc", "scan", "storage_dtype"), "._pickle_scan"),
 }
 
 
@@ -72,15 +78,19 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 __all__ = [
+    "Call",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CkptdError",
     "FileLike",
     "FileSource",
     "Format",
+    "Global",
     "Layout",
     "NotFileLikeError",
     "NotSeekableError",
+    "PersistentId",
+    "ScanResult",
     "ShardedIndex",
     "Source",
     "StorageRecord",
@@ -90,10 +100,13 @@ __all__ = [
     "default_load_byteorder",
     "inflate_storage",
     "is_sharded_index",
+    "no_gc",
     "open_source",
     "read_layout",
     "read_sharded_index",
+    "scan",
     "sniff",
+    "storage_dtype",
     "validate",
 ]
 
