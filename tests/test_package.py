@@ -7,6 +7,7 @@ import doctest
 import importlib
 import pickle
 import pkgutil
+import resource
 import subprocess
 import sys
 import time
@@ -303,13 +304,19 @@ def test_admin_commands_import_no_torch(argv: list[str]) -> None:
 
 
 def test_health_answers_within_a_second() -> None:
-    """``ckptd health --url unix:///nowhere.sock`` (a probe's command) exits 1 in under a second,
-    interpreter start included. The best of three runs counts: the machine may be busy."""
-    timings = []
+    """``ckptd health --url unix:///nowhere.sock`` (a probe's command) exits 1 having used well
+    under a second of CPU, interpreter start included (importing torch alone takes more than
+    that). The CPU time is the check: the wall time on a busy machine is the scheduler's; the
+    best of three runs must still stay under a few seconds, i.e. nothing waits on a timeout."""
+    cpu, wall = [], []
     for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "ckptd", "health", "--url", "unix:///nowhere.sock"],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
-        timings.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         assert proc.returncode == 1 and "no ckptd daemon answers" in proc.stderr, proc.stderr
-    assert min(timings) < 1.0, timings
+    assert min(cpu) < 1.0, cpu
+    assert min(wall) < 3.0, wall

@@ -195,3 +195,11 @@ def test_ckptd_errors_pass_through_the_boundary() -> None:
     with pytest.raises(ckptd.CheckpointNotFoundError) as caught, transport_errors("unix:///run/ckptd.sock"):
         raise error
     assert caught.value is error
+
+
+def test_readme_lists_every_client_setting() -> None:
+    """The README's table of client settings names each setting and its variable, and nothing else."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("| setting | variable | default |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.strip().splitlines()[1:]]
+    assert {name.strip(" `"): var.strip(" `") for name, var in rows} == ClientSettings.variables()
