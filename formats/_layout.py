@@ -89,6 +89,8 @@ class Layout:
     it has none (``byteorder_recorded`` false) torch's default load endianness when read.
     ``end`` is where torch.load leaves a stream it read the file from (relative to the
     stream's position when the load began), ``None`` where that is not known.
+    ``header`` (legacy files) holds the magic number, protocol and system-info pickles,
+    which torch.load unpickles (and so can refuse) before the object itself.
     """
 
     name: str
@@ -106,6 +108,7 @@ class Layout:
     # The pickle scan's record (a ScanResult), kept for the plain rebuild; not part of the
     # layout's identity and never sent over the wire.
     scanned: Any = field(default=None, compare=False, repr=False)
+    header: bytes | None = None  # legacy: the pickles torch.load unpickles before the object
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +128,8 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def validate(layout: Layout) -> None:
-    """Check a layout whole: every storage inside the file, sizes consistent, no overlaps.
+    """Check a layout whole: every storage inside the file, sizes consistent, no overlaps
+    in safetensors files (its library refuses them; torch reads overlapping zip records).
 
     Raises :class:`CheckpointError` naming the first problem found.
 
@@ -145,7 +149,7 @@ def validate(layout: Layout) -> None:
                 f"storage {record.key!r} ({record.span} bytes at offset {record.offset}) lies "
                 f"outside the file ({layout.size} bytes): the file is truncated or corrupt",
             )
-        if record.span:
+        if record.span and layout.format is Format.SAFETENSORS:  # torch reads overlapping zip records
             spans.append((record.offset, record.offset + record.span, record.key))
     spans.sort()
     for (_, end, key), (start, _, other) in zip(spans, spans[1:]):

@@ -52,6 +52,7 @@ def read_legacy_layout(source: Source) -> Layout:
         tensors=tuple(main.tensors),
         pickle=bytes(head[pickles[2].end : main.end]),
         end=end,
+        header=bytes(head[: pickles[2].end]),
     )
     validate(layout)
     return layout
@@ -96,9 +97,11 @@ def _storage_records(
         if ref is None:
             raise CheckpointError(source.name, f"storage {key!r} is listed but never used: corrupt")
         (numel,) = struct.unpack("<q", _read_exact(source, head, offset, 8))
-        if numel != ref.numel:
+        # torch checks the byte count, computed in 64 bits that wrap (numel * itemsize)
+        if (numel * ref.dtype.itemsize) % (1 << 64) != ref.numel * ref.dtype.itemsize:
             raise CheckpointError(source.name, f"storage {key!r} holds {numel} elements, its table says {ref.numel}")
         offset += 8
+        numel = ref.numel
         nbytes = numel * ref.dtype.itemsize
         records[key] = StorageRecord(key, ref.dtype, numel, ref.location, offset, nbytes)
         offset += nbytes

@@ -29,7 +29,8 @@ _END64_LOCATOR_MAGIC = b"PK\x06\x07"
 _END64_MAGIC = b"PK\x06\x06"
 
 _LOCAL = struct.Struct("<4s22xHH")
-_CENTRAL = struct.Struct("<4s4xHH8xIIHHHH6xI")  # magic, flags, method, sizes, name/extra/comment lengths, disk, offset
+# magic, flags, method, time, sizes, name/extra/comment lengths, disk, external attributes, offset
+_CENTRAL = struct.Struct("<4s4xHHH6xIIHHHH2xII")
 _END = struct.Struct("<4sHHHHIIH")
 _END64_LOCATOR = struct.Struct("<4sIQI")
 _END64 = struct.Struct("<4sQHHIIQQQQ")
@@ -37,12 +38,14 @@ _END64 = struct.Struct("<4sQHHIIQQQQ")
 _STORED, _DEFLATED = 0, 8
 _ENCRYPTED_FLAGS = 0x0001 | 0x0020 | 0x0040  # encrypted, patch data, strong encryption: refused when read
 _MASKED = 0x2000  # an encrypted directory: miniz refuses the archive
+_DOS_DIRECTORY = 0x10
 _U32_MAX = 0xFFFFFFFF
 _MAX_COMMENT = 0xFFFF
 # data.pkl of a huge model is a few MB; anything far beyond is not a checkpoint we should
 # hold in memory to scan.
 _MAX_PICKLE_BYTES = 1 << 30
 _INFLATE_CHUNK = 1 << 20
+_MAX_RATIO = 1032  # deflate's best: no honest record inflates further
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,76 @@ class ZipRecord:
     compressed_size: int
     size: int
     flags: int = 0
+    directory: bool = False  # miniz reads nothing for a directory: torch gets unwritten memory
+
+
+class Directory:
+    """The archive's records, looked up by name as miniz (torch) does.
+
+    miniz finds a name by binary search over the directory heap-sorted by ASCII-lowercased
+    name: lookups ignore case, and of several records that share a name it returns the
+    one its search meets (the first, as the directory is usually written). Names that
+    are all distinct (ignoring case) are looked up through a dict instead.
+    """
+
+    def __init__(self, records: list[ZipRecord]) -> None:
+        self.records = records
+        self._keys = [r.name.encode("utf-8", "surrogateescape").lower() for r in records]
+        unique = dict(zip(self._keys, records))
+        self._unique: dict[bytes, ZipRecord] | None = unique if len(unique) == len(records) else None
+        self._sorted = None if self._unique is not None else _miniz_heapsort(self._keys)
+
+    def find(self, name: str) -> ZipRecord | None:
+        """The record torch would read for ``name`` (case ignored), or ``None``."""
+        key = name.encode("utf-8", "surrogateescape").lower()
+        if self._unique is not None:
+            return self._unique.get(key)
+        assert self._sorted is not None
+        low, high = 0, len(self._sorted) - 1
+        while low <= high:
+            middle = low + ((high - low) >> 1)
+            found = self._keys[self._sorted[middle]]
+            if found == key:
+                return self.records[self._sorted[middle]]
+            if found < key:
+                low = middle + 1
+            else:
+                high = middle - 1
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def names(self) -> list[str]:
+        """Every name, in directory order (duplicates included)."""
+        return [r.name for r in self.records]
+
+
+def _miniz_heapsort(keys: list[bytes]) -> list[int]:
+    """Indices of ``keys`` in the order miniz's heap sort leaves them (equal keys included)."""
+    order = list(range(len(keys)))
+    size = len(order)
+    if size <= 1:
+        return order
+
+    def sift(root: int, end: int) -> None:
+        while True:
+            child = (root << 1) + 1
+            if child >= end:
+                return
+            if child + 1 < end and keys[order[child]] < keys[order[child + 1]]:
+                child += 1
+            if not keys[order[root]] < keys[order[child]]:
+                return
+            order[root], order[child] = order[child], order[root]
+            root = child
+
+    for start in range((size - 2) >> 1, -1, -1):
+        sift(start, size)
+    for end in range(size - 1, 0, -1):
+        order[end], order[0] = order[0], order[end]
+        sift(0, end)
+    return order
 
 
 def is_zip(source: Source) -> bool:
@@ -82,8 +155,8 @@ def _find_end(source: Source) -> int | None:
     return None if position < 0 else start + position
 
 
-def read_directory(source: Source) -> dict[str, ZipRecord]:
-    """Every record of the archive by name; of records sharing a name, the first (as torch).
+def read_directory(source: Source) -> Directory:
+    """Every record of the archive, found by name as torch finds them.
 
     Offsets are relative to the archive's start; an archive behind other bytes (not one
     torch.load reads) is found from the end and its offsets shifted.
@@ -106,12 +179,12 @@ def read_directory(source: Source) -> dict[str, ZipRecord]:
     if cd_size < count * _CENTRAL.size or cd_offset < 0 or cd_offset + cd_size > source.size:
         raise CheckpointError(source.name, "corrupt zip archive: the central directory lies outside the file")
     directory = source.read(cd_offset, cd_size)
-    records: dict[str, ZipRecord] = {}
+    records: list[ZipRecord] = []
     position = 0
     for _ in range(count):
         record, position = _central_entry(source, directory, position, disk, shift)
-        records.setdefault(record.name, record)
-    return records
+        records.append(record)
+    return Directory(records)
 
 
 def _read_end64(source: Source, end: int, prefixed: bool) -> tuple[int, int, int, int, int, int] | None:
@@ -143,8 +216,8 @@ def _read_end64(source: Source, end: int, prefixed: bool) -> tuple[int, int, int
 def _central_entry(source: Source, directory: bytes, position: int, disk: int, shift: int) -> tuple[ZipRecord, int]:
     if position + _CENTRAL.size > len(directory):
         raise CheckpointError(source.name, "corrupt zip archive: central directory truncated")
-    magic, flags, method, compressed, size, name_len, extra_len, comment_len, entry_disk, offset = _CENTRAL.unpack_from(
-        directory, position
+    magic, flags, method, time, compressed, size, name_len, extra_len, comment_len, entry_disk, attributes, offset = (
+        _CENTRAL.unpack_from(directory, position)
     )
     if magic != _CENTRAL_MAGIC:
         raise CheckpointError(source.name, f"corrupt zip archive: bad central directory entry at {position}")
@@ -155,7 +228,8 @@ def _central_entry(source: Source, directory: bytes, position: int, disk: int, s
     name = directory[name_at : name_at + name_len].decode("utf-8", "surrogateescape")
     if _U32_MAX in (compressed, size, offset):
         size, compressed, offset = _zip64_extra(directory[name_at + name_len : name_at + name_len + extra_len], size, compressed, offset)
-    elif (method == _STORED and size != compressed) or (size and not compressed):
+    # miniz's check reads method and time as one 32-bit word: a stored record with a time is not checked
+    elif (method == _STORED and not time and size != compressed) or (size and not compressed):
         raise CheckpointError(source.name, f"corrupt zip archive: record {name!r} has inconsistent sizes")
     if entry_disk == 0xFFFF or (entry_disk != disk and entry_disk != 1):
         raise CheckpointError(source.name, "zip archive spans several disks: not supported (nor by torch)")
@@ -164,7 +238,8 @@ def _central_entry(source: Source, directory: bytes, position: int, disk: int, s
     offset += shift
     if offset + _LOCAL.size + compressed > source.size:
         raise CheckpointError(source.name, f"record {name!r} lies outside the file: truncated or corrupt")
-    return ZipRecord(name, offset, method, compressed, size, flags), following
+    is_directory = name.endswith("/") or bool(attributes & _DOS_DIRECTORY)
+    return ZipRecord(name, offset, method, compressed, size, flags, is_directory), following
 
 
 def _zip64_extra(extra: bytes, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
@@ -188,6 +263,8 @@ def data_offset(source: Source, record: ZipRecord) -> int:
     """Where a record's (stored or compressed) bytes start: after its own local header."""
     if record.flags & _ENCRYPTED_FLAGS:
         raise CheckpointError(source.name, f"record {record.name!r} is encrypted: not a torch checkpoint")
+    if record.directory and record.size:
+        raise CheckpointError(source.name, f"record {record.name!r} is marked as a directory: corrupt")
     magic, name_len, extra_len = _LOCAL.unpack(source.read(record.header_offset, _LOCAL.size))
     if magic != LOCAL_MAGIC:
         raise CheckpointError(source.name, f"record {record.name!r} has no local header: corrupt zip")
@@ -197,9 +274,9 @@ def data_offset(source: Source, record: ZipRecord) -> int:
     return start
 
 
-def archive_prefix(directory: dict[str, ZipRecord], name: str) -> str:
+def archive_prefix(directory: Directory, name: str) -> str:
     """The top directory every record lives under (torch names it after the file)."""
-    for record in directory:
+    for record in directory.names():
         prefix, sep, _ = record.partition("/")
         if sep:
             return prefix
@@ -215,29 +292,36 @@ def read_record(source: Source, record: ZipRecord) -> bytes:
     return bytes(out)
 
 
-def inflate_into(source: Source, method: int, offset: int, compressed: int, out: memoryview, name: str) -> None:
-    """Fill ``out`` with a record's data: copied if stored, inflated if deflated (exactly its size)."""
+def inflate_into(
+    source: Source, method: int, offset: int, compressed: int, out: memoryview, name: str, size: int | None = None
+) -> None:
+    """Fill ``out`` with the first bytes of a record of ``size`` bytes (default ``len(out)``):
+    copied if stored, inflated if deflated."""
     if method == _STORED:
         source.readinto(out[: min(len(out), compressed)], offset)
         return
     if method != _DEFLATED:
         raise CheckpointError(source.name, f"record {name!r} uses compression method {method}: not supported (nor by torch)")
+    # miniz (torch) takes the first len(out) bytes the stream gives and looks no further:
+    # neither a missing end of stream nor more data after them is an error.
+    size = len(out) if size is None else size
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    done = 0
+    done = 0  # bytes inflated; those past len(out) are only counted
     try:
         for start in range(offset, offset + compressed, _INFLATE_CHUNK):
             chunk = source.read(start, min(_INFLATE_CHUNK, offset + compressed - start))
-            while chunk and not inflater.eof:
-                piece = inflater.decompress(chunk, len(out) - done + 1)
-                if done + len(piece) > len(out):
-                    raise CheckpointError(source.name, f"record {name!r} inflates past its size: corrupt")
-                out[done : done + len(piece)] = piece
+            while chunk and done < size and not inflater.eof:
+                piece = inflater.decompress(chunk, min(size - done, _INFLATE_CHUNK))
+                if done < len(out):
+                    out[done : min(len(out), done + len(piece))] = piece[: len(out) - done]
                 done += len(piece)
                 chunk = inflater.unconsumed_tail
+            if done == size or inflater.eof:
+                break
     except zlib.error as exc:
         raise CheckpointError(source.name, f"record {name!r} does not inflate ({exc}): corrupt") from exc
-    if done != len(out) or not inflater.eof:
-        raise CheckpointError(source.name, f"record {name!r} inflates to {done} bytes, not {len(out)}: corrupt")
+    if done != size:
+        raise CheckpointError(source.name, f"record {name!r} inflates to {done} bytes, not {size}: corrupt")
 
 
 def inflate_storage(source: Source, record: StorageRecord) -> bytearray:
@@ -254,9 +338,8 @@ def inflate_storage(source: Source, record: StorageRecord) -> bytearray:
     (True, b'\\x00\\x00\\x00\\x00')
     """
     assert record.compressed_size is not None
-    out = bytearray(record.inflated_size)
-    inflate_into(source, _DEFLATED, record.offset, record.compressed_size, memoryview(out), record.key)
-    del out[record.nbytes :]
+    out = bytearray(record.nbytes)
+    inflate_into(source, _DEFLATED, record.offset, record.compressed_size, memoryview(out), record.key, record.inflated_size)
     return out
 
 
@@ -270,15 +353,20 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
     'w'
     """
     directory = read_directory(source)
+    for record_name in directory.names():  # torch.load lists every name as str: it fails on these
+        try:
+            record_name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CheckpointError(source.name, f"record name {record_name!r} is not UTF-8: corrupt") from exc
     prefix = archive_prefix(directory, source.name)
-    is_script = f"{prefix}/constants.pkl" in directory
-    pickle_record = directory.get(f"{prefix}/{pickle_name}")
+    is_script = f"{prefix}/constants.pkl" in directory.names()  # torch.load's test is exact
+    pickle_record = directory.find(f"{prefix}/{pickle_name}")
     if pickle_record is None:
         raise CheckpointError(source.name, f"zip archive has no {pickle_name} record: not a torch checkpoint")
     pickle_bytes = read_record(source, pickle_record)
     result = scan(pickle_bytes, source.name)
-    records = {name: (data_offset(source, r), r.size) for name, r in directory.items()}
-    storages = _storage_records(source.name, result, directory, records, prefix)
+    storages = _storage_records(source, result, directory, prefix)
+    records = _readable_records(source, directory)
     byteorder, recorded = _byteorder(source, directory, prefix)
     layout = Layout(
         name=source.name,
@@ -291,49 +379,66 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
         byteorder_recorded=recorded,
         records=records,
         prefix=prefix,
-        end=_end(storages, records[pickle_record.name], pickle_record),
         scanned=result,
+        end=_end(storages, data_offset(source, pickle_record), pickle_record),
     )
     validate(layout)
     return layout
 
 
-def _end(storages: dict[str, StorageRecord], pickle_span: tuple[int, int], pickle_record: ZipRecord) -> int:
+def _readable_records(source: Source, directory: Directory) -> dict[str, tuple[int, int]]:
+    """``(data_offset, size)`` of every record torch would find whose local header reads."""
+    records: dict[str, tuple[int, int]] = {}
+    for name in directory.names():
+        record = directory.find(name)
+        if record is None or name in records:
+            continue
+        try:
+            records[name] = (data_offset(source, record), record.size)
+        except CheckpointError:
+            continue  # torch never reads it unless asked; neither does ckptd
+    return records
+
+
+def _end(storages: dict[str, StorageRecord], pickle_at: int, pickle_record: ZipRecord) -> int:
     """Where torch.load leaves a stream: after the last storage it read (in the pickle's order),
     else after the pickle itself."""
     for record in reversed(list(storages.values())):
         if record.nbytes:
             return record.offset + (record.compressed_size if record.compressed_size is not None else record.nbytes)
-    return pickle_span[0] + pickle_record.compressed_size
+    return pickle_at + pickle_record.compressed_size
 
 
-def _storage_records(
-    name: str, result: ScanResult, directory: dict[str, ZipRecord], records: dict[str, tuple[int, int]], prefix: str
-) -> dict[str, StorageRecord]:
+def _storage_records(source: Source, result: ScanResult, directory: Directory, prefix: str) -> dict[str, StorageRecord]:
     storages: dict[str, StorageRecord] = {}
     for ref in result.storages.values():
         record_name = f"{prefix}/data/{ref.key}"
-        if record_name not in records:
-            raise CheckpointError(name, f"storage {ref.key!r} has no record {record_name!r}: truncated or corrupt")
-        offset, size = records[record_name]
+        entry = directory.find(record_name)
+        if entry is None:
+            raise CheckpointError(source.name, f"storage {ref.key!r} has no record {record_name!r}: truncated or corrupt")
         nbytes = ref.numel * ref.dtype.itemsize
-        if size < nbytes:
+        if entry.size < nbytes:
             raise CheckpointError(
-                name, f"storage {ref.key!r} needs {nbytes} bytes but its record holds {size}: corrupt"
+                source.name, f"storage {ref.key!r} needs {nbytes} bytes but its record holds {entry.size}: corrupt"
             )
-        entry = directory[record_name]
+        # miniz reads nothing of an empty record, not even its local header
+        offset = data_offset(source, entry) if entry.compressed_size else entry.header_offset
         compressed = None if entry.method == _STORED or not nbytes else entry.compressed_size
         if compressed is not None and entry.method != _DEFLATED:
-            raise CheckpointError(name, f"record {record_name!r} uses compression method {entry.method}: not supported (nor by torch)")
+            raise CheckpointError(
+                source.name, f"record {record_name!r} uses compression method {entry.method}: not supported (nor by torch)"
+            )
+        if compressed is not None and entry.size > _MAX_RATIO * compressed + _INFLATE_CHUNK:
+            raise CheckpointError(source.name, f"record {record_name!r} claims to inflate {compressed} bytes to {entry.size}: corrupt")
         storages[ref.key] = StorageRecord(
-            ref.key, ref.dtype, ref.numel, ref.location, offset, nbytes, compressed_size=compressed, inflated_size=size
+            ref.key, ref.dtype, ref.numel, ref.location, offset, nbytes, compressed_size=compressed, inflated_size=entry.size
         )
     return storages
 
 
-def _byteorder(source: Source, directory: dict[str, ZipRecord], prefix: str) -> tuple[str, bool]:
+def _byteorder(source: Source, directory: Directory, prefix: str) -> tuple[str, bool]:
     """The storages' byte order and whether the file records it (else torch's load setting decides)."""
-    record = directory.get(f"{prefix}/byteorder")
+    record = directory.find(f"{prefix}/byteorder")
     if record is None:
         return default_load_byteorder(), False
     order = read_record(source, record)
