@@ -6,6 +6,7 @@ instance of that type, so ``except RuntimeError`` written for torch.load keeps w
     CkptdError
     ├── CheckpointError                 the input is not a readable checkpoint (names the file)
     │   ├── UnsupportedFormatError      well-formed, but a format or variant ckptd does not read
+    │   ├── StorageMismatchError        a tensor does not fit its storage (also RuntimeError)
     │   └── CheckpointNotFoundError     no such file (also FileNotFoundError)
     ├── NotSeekableError                a stream that cannot seek (also io.UnsupportedOperation)
     ├── NotFileLikeError                no seek, tell or read: not a file-like object (also AttributeError)
@@ -46,6 +47,11 @@ from ckptd.gpu import DeviceError
 
 class UnpicklingError(CkptdError, pickle.UnpicklingError):
     """The restricted (``weights_only=True``) unpickler refused something in the checkpoint."""
+
+
+class StorageMismatchError(CheckpointError, RuntimeError):
+    """A tensor in the checkpoint does not fit the storage the file gives it (torch.load
+    fails there with RuntimeError: ``storage has wrong byte size``)."""
 
 
 class UsageError(CkptdError, ValueError, RuntimeError):
@@ -105,6 +111,7 @@ __all__ = [
     "DeviceError",
     "LeaseLostError",
     "ModelMismatchError",
+    "StorageMismatchError",
     "NotFileLikeError",
     "NotSeekableError",
     "OverBudgetError",

@@ -102,6 +102,7 @@ def layout_to_json(layout: Layout) -> dict[str, Any]:
         "size": layout.size,
         "byteorder": layout.byteorder,
         "byteorder_recorded": layout.byteorder_recorded,
+        "header": base64.b64encode(layout.header).decode() if layout.header is not None else None,
         "pickle": base64.b64encode(layout.pickle).decode() if layout.pickle is not None else None,
         "storages": [
             [r.key, dtype_name(r.dtype), r.numel, r.location, r.offset, r.nbytes] for r in layout.storages.values()
@@ -148,4 +149,5 @@ def layout_from_json(body: Mapping[str, Any]) -> Layout:
     return Layout(
         body["name"], Format(body["format"]), body["size"], storages, tensors, pickle, body["byteorder"],
         byteorder_recorded=bool(body.get("byteorder_recorded", True)),
+        header=base64.b64decode(body["header"]) if body.get("header") else None,
     )

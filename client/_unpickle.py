@@ -18,7 +18,7 @@ from torch.serialization import StorageType
 
 from ckptd.formats import CheckpointError, Layout
 
-from ._exceptions import UnpicklingError
+from ._exceptions import StorageMismatchError, UnpicklingError
 from ._storages import StorageSet
 
 # torch.serialization._load's own remapping (https://github.com/pytorch/pytorch/pull/51633).
@@ -58,6 +58,8 @@ def unpickle(
     Raises :class:`UnpicklingError` when the restricted unpickler refuses the file.
     """
     assert layout.pickle is not None
+    if layout.header is not None:
+        _unpickle_header(layout.header, pickle_module, weights_only, load_args, layout.name)
     persistent_load = _zip_persistent_load(layout, storages)
     if layout.format.value == "torch-legacy":
         persistent_load = _legacy_persistent_load(layout, storages)
@@ -73,12 +75,31 @@ def unpickle(
         if weights_only:
             raise UnpicklingError(weights_only_message(layout.name, exc)) from None
         raise
+    except RuntimeError as exc:
+        # torch grows a legacy storage a tensor overruns (and fails later, reading the file);
+        # ckptd's storages are views that cannot grow: the same file, refused at once
+        if layout.header is not None and "not resizable" in str(exc):
+            raise StorageMismatchError(layout.name, f"a tensor lies past the end of its storage ({exc})") from exc
+        raise
     finally:
         if tls is not None:
             tls.map_location = None
     storages.wait()  # the sparse-tensor checks read index data
     torch._utils._validate_loaded_sparse_tensors()
     return result
+
+
+def _unpickle_header(header: bytes, pickle_module: ModuleType, weights_only: bool, load_args: dict[str, Any], name: str) -> None:
+    """Unpickle a legacy file's magic number, protocol and system info as torch.load does,
+    so what its unpickler refuses there is refused here too (the scan has checked their values)."""
+    stream = io.BytesIO(header)
+    try:
+        for _ in range(3):
+            pickle_module.load(stream, **load_args)
+    except pickle.UnpicklingError as exc:
+        if weights_only:
+            raise UnpicklingError(weights_only_message(name, exc)) from None
+        raise
 
 
 def weights_only_message(name: str, exc: Exception) -> str:

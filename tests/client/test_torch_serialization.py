@@ -481,3 +481,83 @@ def test_mmap_default_from_torch_config(tmp_path: Path) -> None:
         assert str(texc.value) == str(cexc.value)
     finally:
         config.load.mmap = previous
+
+
+# ---------------------------------------------------------------------------------------
+# what the fuzz test found (see tests/formats/test_fuzz.py)
+# ---------------------------------------------------------------------------------------
+
+
+def _with_pickle(data: bytes, transform: Any) -> bytes:
+    """The archive with its data.pkl rewritten (Python's zipfile; stored records)."""
+    zin = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            body = zin.read(info)
+            zout.writestr(info.filename, transform(body) if info.filename.endswith("/data.pkl") else body)
+    return out.getvalue()
+
+
+def test_a_storage_declared_twice_with_two_sizes_first_wins() -> None:
+    base = torch.arange(4.0)
+    data = _saved({"a": base, "b": base[:2]})
+
+    def second_size_2(pkl: bytes) -> bytes:
+        first = pkl.index(b"K\x04t")
+        at = pkl.index(b"K\x04t", first + 1)
+        return pkl[:at] + b"K\x02t" + pkl[at + 3 :]
+
+    changed = _with_pickle(data, second_size_2)
+    expected = torch.load(io.BytesIO(changed))
+    assert_same({"a": base, "b": base[:2]}, expected)
+    assert_same(expected, ckptd.load(changed))
+
+
+def _rename(data: bytes, old: bytes, new: bytes) -> bytes:
+    """Every occurrence of a record name (local header and directory) replaced, same length."""
+    assert len(old) == len(new) and data.count(old) == 2
+    return data.replace(old, new)
+
+
+def test_record_names_are_found_ignoring_case_as_miniz_does() -> None:
+    data = _rename(_saved({"w": torch.arange(3.0)}), b"archive/data/0", b"archive/DATA/0")
+    expected = torch.load(io.BytesIO(data))
+    assert_same({"w": torch.arange(3.0)}, expected)
+    assert_same(expected, ckptd.load(data))
+
+
+def test_record_name_not_utf8_fails_as_in_torch() -> None:
+    data = _rename(_saved({"w": torch.arange(3.0)}), b"archive/.format_version", b"archive/.format_ver\xffion")
+    with pytest.raises(UnicodeDecodeError):
+        torch.load(io.BytesIO(data))
+    with pytest.raises(ckptd.CheckpointError, match="not UTF-8"):
+        ckptd.load(data)
+
+
+def test_legacy_header_is_unpickled_as_torch_does() -> None:
+    """torch.load unpickles a legacy file's system-info pickle too: weights_only refuses what it holds."""
+    data = _saved({"w": torch.arange(3.0)}, _use_new_zipfile_serialization=False)
+    f = io.BytesIO(data)
+    pickle.load(f)
+    pickle.load(f)
+    start = f.tell()
+    pickle.load(f)
+    hostile = data[:start] + pickle.dumps(print, protocol=2) + data[f.tell() :]
+    with pytest.raises(pickle.UnpicklingError) as texc:
+        torch.load(io.BytesIO(hostile))
+    with pytest.raises(ckptd.UnpicklingError) as cexc:
+        ckptd.load(hostile)
+    assert "GLOBAL print" in str(texc.value) and "GLOBAL print" in str(cexc.value)
+    assert_same(torch.load(io.BytesIO(hostile), weights_only=False), ckptd.load(hostile, weights_only=False))
+
+
+def test_legacy_tensor_overrunning_its_storage_fails_as_runtime_error() -> None:
+    data = bytearray(_saved({"w": torch.arange(4.0)}, _use_new_zipfile_serialization=False))
+    at = data.index(b"K\x04\x85")  # the tensor's size (4,) -> (5,)
+    data[at + 1] = 5
+    with pytest.raises(RuntimeError, match="wrong byte size"):
+        torch.load(io.BytesIO(bytes(data)))
+    with pytest.raises(ckptd.StorageMismatchError) as cexc:
+        ckptd.load(bytes(data))
+    assert isinstance(cexc.value, RuntimeError)
