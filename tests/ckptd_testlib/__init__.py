@@ -8,6 +8,7 @@ by their qualified name (``ckptd_testlib.checkpoints.TaggedTensor`` ...); ``test
 * :mod:`ckptd_testlib.compare` -- ``assert_same`` and running torch.load beside ckptd.load.
 * :mod:`ckptd_testlib.daemons` -- a real ``ckptd serve`` subprocess and ways to watch it.
 * :mod:`ckptd_testlib.layout` -- a format reader's layout against the file and torch.load.
+* :mod:`ckptd_testlib.fuzz` -- mutated checkpoints through torch.load and ckptd.load, judged.
 
 Every name is re-exported here (``from ckptd_testlib import assert_same`` keeps working);
 add a new helper to the module of its concern and list it in that module's ``__all__``.
@@ -23,5 +24,7 @@ from .daemons import *  # noqa: F403
 from .daemons import __all__ as _daemons_all
 from .layout import *  # noqa: F403
 from .layout import __all__ as _layout_all
+from .fuzz import *  # noqa: F403
+from .fuzz import __all__ as _fuzz_all
 
-__all__ = [*_compare_all, *_checkpoints_all, *_daemons_all, *_layout_all]
+__all__ = [*_compare_all, *_checkpoints_all, *_daemons_all, *_layout_all, *_fuzz_all]
