@@ -248,6 +248,11 @@ def scan(data: bytes | memoryview, name: str, *, start: int = 0) -> ScanResult:
 
 
 def _run(data: bytes | memoryview, name: str, start: int, encoding: str) -> tuple[Any, _Recorder, int]:
+    if len(data) > start + 1 and data[start] == pickle.PROTO[0] and data[start + 1] > pickle.HIGHEST_PROTOCOL:
+        # torch's weights-only unpickler ignores the protocol number; the C one refuses one it does not know
+        patched = bytearray(data)
+        patched[start + 1] = 2
+        data = patched
     stream = io.BytesIO(data)
     stream.seek(start)
     recorder = _Recorder(stream, name, encoding)

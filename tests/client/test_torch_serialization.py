@@ -561,3 +561,17 @@ def test_legacy_tensor_overrunning_its_storage_fails_as_runtime_error() -> None:
     with pytest.raises(ckptd.StorageMismatchError) as cexc:
         ckptd.load(bytes(data))
     assert isinstance(cexc.value, RuntimeError)
+
+
+def test_unknown_pickle_protocol_number_ignored_as_by_torchs_weights_only_unpickler() -> None:
+    data = bytearray(_saved({"w": torch.arange(3.0)}, _use_new_zipfile_serialization=False))
+    assert data[:2] == b"\x80\x02"
+    data[1] = 79
+    with pytest.warns(UserWarning, match="protocol 79"):
+        expected = torch.load(io.BytesIO(bytes(data)))
+    with pytest.warns(UserWarning, match="protocol 79"):
+        assert_same(expected, ckptd.load(bytes(data)))
+    with pytest.raises(ValueError, match="unsupported pickle protocol"):
+        torch.load(io.BytesIO(bytes(data)), weights_only=False)
+    with pytest.raises(ValueError, match="unsupported pickle protocol"):
+        ckptd.load(bytes(data), weights_only=False)
