@@ -268,7 +268,10 @@ def _count_tensors(obj: Any) -> int:
 
 
 def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
-    """``ckptd load FILE ...``: load with ckptd.load and report time, bytes and GB/s."""
+    """``ckptd load FILE ...``: load with ckptd.load and report time, bytes and GB/s
+    (through the daemon at ``--url``, saying how the storages arrived: mapped or streamed)."""
+    if args.url or args.transport:
+        return _load_through_daemon(args, out)
     layout = ckptd.inspect(args.file)
     nbytes = bytes_to_read(layout, args.select)
     with progress_bar(nbytes, _want_progress(args, nbytes)) as progress:
@@ -287,12 +290,58 @@ def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _load_through_daemon(args: argparse.Namespace, out: TextIO) -> int:
+    """``ckptd load FILE --url URL``: the file is the daemon's to open (it may not exist here)."""
+    token = read_token_file(args.token_file) if args.token_file else None
+    with ckptd.Client(args.url, token=token, transport=args.transport) as client:
+        start = time.perf_counter()
+        obj = client.load(args.file, map_location=args.map_location, weights_only=args.weights_only,
+                          mmap=args.mmap, select=args.select)
+        seconds = time.perf_counter() - start
+        summary = load_summary(args.file, storage_bytes(obj), seconds, obj)
+        summary["transport"] = client.transport_used
+    print(json.dumps(summary) if args.json else _render_load(summary), file=out)
+    return 0
+
+
+def storage_bytes(obj: Any) -> int:
+    """The bytes of the distinct storages ``obj``'s tensors use.
+
+    >>> import torch
+    >>> w = torch.zeros(4)
+    >>> storage_bytes({"a": w, "b": w[1:], "c": [torch.ones(2, dtype=torch.int8)]})
+    18
+    """
+    import torch  # a load has imported it already
+
+    seen: dict[tuple[str, int], int] = {}
+
+    def walk(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            seen[(str(storage.device), storage.data_ptr() or id(storage))] = storage.nbytes()
+        elif isinstance(item, dict):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                walk(value)
+
+    walk(obj)
+    return sum(seen.values())
+
+
+_TRANSPORT_WORDS = {"shm": "mapped from the daemon's shared memory", "http": "streamed from the daemon over HTTP"}
+
+
 def _render_load(summary: dict[str, Any]) -> str:
-    return (
+    line = (
         f"loaded {summary['file']}: {summary['tensors']} tensor{'' if summary['tensors'] == 1 else 's'}, "
         f"{summary['bytes']} bytes ({human_bytes(summary['bytes'])}) "
         f"in {summary['seconds']:.3f} s ({summary['gb_per_s']:.2f} GB/s)"
     )
+    transport = summary.get("transport")
+    return f"{line}, {_TRANSPORT_WORDS.get(transport, transport)}" if transport else line
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,6 +587,12 @@ def _add_load(commands: Any) -> None:
                      help=f"force the progress bar on/off (default: on for > {human_bytes(PROGRESS_THRESHOLD)} on a TTY)")
     sub.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.add_argument("--url", help="load through the daemon at this URL (unix:///path.sock or http://host:port); "
+                     "the report says whether the storages were mapped or streamed")
+    sub.add_argument("--token-file", metavar="F", help="file holding the daemon's token (default: $CKPTD_TOKEN)")
+    sub.add_argument("--transport", choices=("auto", "shm", "http"),
+                     help="through the daemon: map its shared memory, stream over HTTP, or pick (default auto, "
+                     "$CKPTD_TRANSPORT)")
     sub.set_defaults(handler=cmd_load)
 
 

@@ -18,7 +18,8 @@ import secrets
 import socket
 import threading
 import weakref
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
@@ -26,7 +27,7 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from ckptd.formats import FileLike, Format, is_sharded_index
+from ckptd.formats import FileLike, Format, ShardedIndex, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
 from ._connection import Connection, transport_for
@@ -35,6 +36,8 @@ from ._jit import adopt_tensors
 from ._load import check_daemon_load, keys_of, load_shards, make_request, rebuild, wanted_entries
 from ._manifest import ArenaInfo, Manifest
 from ._placement import MapLocation, restore, target_tag
+from ._remote import FetchStats, RangeReader, Transport, choose_transport, fetch_views
+from ._settings import settings
 from ._select import Select
 from ._storages import StorageSet
 from ._wire import error_from
@@ -53,15 +56,28 @@ class Client(Connection):
     ``cuda:0`` means this process's ``cuda:0`` whatever ``CUDA_VISIBLE_DEVICES`` says, and
     GPU storages arrive as the daemon's own GPU memory, opened once per process.
 
+    ``transport`` (default ``ckptd.settings``' ``transport``, ``$CKPTD_TRANSPORT``, else
+    ``auto``) is how storages arrive: ``shm`` maps the daemon's shared memory; ``http``
+    streams their bytes from the daemon's resident copy (checksummed range requests) into
+    this process's own memory, for workers on another host or without the daemon's
+    ``/dev/shm``; ``auto`` streams for a TCP URL on another host, maps otherwise, and
+    switches to streaming (once, logged) when a mapping fails. :attr:`transport_used`
+    says which path the last load took.
+
     >>> with Client("unix:///tmp/ckptd-doc/none.sock") as client:  # doctest: +SKIP
     ...     state = client.load("/models/llama.pt", map_location="cpu")
     """
 
     def __init__(
         self, url: str | None = None, *, token: str | None = None, timeout: float | None = None,
-        devices: Devices | None = None,
+        devices: Devices | None = None, transport: str | None = None,
     ) -> None:
         super().__init__(url, token=token, timeout=timeout)
+        self._requested = Transport.parse(transport if transport is not None else settings.current().transport)
+        self._transport = choose_transport(self.url, self._requested)
+        self.transport_used: str | None = None  # "shm" or "http": the path the last load took
+        self.loads_by_transport: Counter[str] = Counter()
+        self.last_fetch: FetchStats | None = None  # what the last streamed load moved
         self._session = _SessionWatch(self.url, self._headers)
         self._mappings: dict[str, weakref.ref[Any]] = {}
         self._lock = threading.Lock()
@@ -110,12 +126,12 @@ class Client(Connection):
         wanted = wanted_entries(layout, tensor_name, prefix, select)
         keys = list(layout.storages) if wanted is None else keys_of(wanted)
 
-        def build() -> Any:
-            views, placed = self._views(manifest)
+        def build(manifest: Manifest) -> Any:
+            views, placed = self._views(manifest, request.map_location)
             storages = StorageSet(layout, request.map_location, frozenset(keys), views=views, placed=placed)
             return rebuild(layout, storages, request, tensor_name is not None, wanted)
 
-        return self._hold(manifest, build)
+        return self._hold(manifest, build, lambda: self._manifest(f, map_location, tensor_name, prefix, select))
 
     def _load_sharded(
         self, path: str, map_location: MapLocation, pickle_module: ModuleType | None, weights_only: bool | None,
@@ -127,19 +143,31 @@ class Client(Connection):
         def load_shard(shard: str, wanted: list[str]) -> Any:
             return self.load(shard, map_location, pickle_module, weights_only=weights_only, select=wanted, **pickle_load_args)
 
-        return load_shards(path, tensor_name, prefix, select, load_shard)
+        return load_shards(path, tensor_name, prefix, select, load_shard, self._index(path))
+
+    def _index(self, path: str) -> ShardedIndex | None:
+        """The index as the daemon reads it when this process cannot read the file (another
+        host or container): ``None`` where it can (it is read here, as embedded)."""
+        if os.access(path, os.R_OK):
+            return None
+        body = self._request("POST", "/v1/index", json={"path": os.path.abspath(path)})
+        try:
+            return ShardedIndex(str(body["name"]), str(body["directory"]), dict(body["weight_map"]),
+                                tuple(body["shards"]), dict(body["metadata"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DaemonError(f"malformed index from the daemon ({exc!r})") from exc
 
     def jit_load(self, f: FileLike, map_location: MapLocation = None, _extra_files: dict[str, Any] | None = None) -> Any:
         """:func:`ckptd.jit_load` through the daemon: parameters and buffers in the shared arenas."""
         manifest = self._manifest(f, None, None, None, None, gpus=False)
 
-        def build() -> Any:
+        def build(manifest: Manifest) -> Any:
             views, _ = self._views(manifest)
             module = torch.jit.load(manifest.path, map_location=map_location, _extra_files=_extra_files)
             adopt_tensors(module, manifest.layout, lambda device, keys: {k: _place(views[k], device) for k in keys})
             return module
 
-        return self._hold(manifest, build)
+        return self._hold(manifest, build, lambda: self._manifest(f, None, None, None, None, gpus=False))
 
     def _manifest(
         self, f: FileLike, map_location: MapLocation, tensor_name: str | None, prefix: str | None, select: Select,
@@ -153,7 +181,7 @@ class Client(Connection):
             "tensor_name": tensor_name,
             "prefix": prefix,
             "select": list(select) if select is not None and not isinstance(select, str) else select,
-            "devices": self._device_table() if gpus else None,
+            "devices": self._device_table() if gpus and self._transport is not Transport.HTTP else None,
             "session": self._session.id,
         }
         return Manifest.from_json(self._request("POST", "/v1/load", json=body))
@@ -165,13 +193,56 @@ class Client(Connection):
             self._devices_known = True
         return self._devices.table() if self._devices else None
 
-    def _views(self, manifest: Manifest) -> tuple[dict[str, torch.UntypedStorage], frozenset[str]]:
+    def _views(
+        self, manifest: Manifest, map_location: MapLocation = None
+    ) -> tuple[dict[str, torch.UntypedStorage], frozenset[str]]:
         """Each storage of the manifest as a view of its arena (each arena mapped or opened
-        once per process), and the keys already on their GPU."""
-        arenas = {info.id: self._map(info, manifest.lease) for info in manifest.arenas}
+        once per process, or streamed here over HTTP), and the keys already on their GPU."""
+        if self._transport is Transport.HTTP:
+            return self._streamed(manifest, map_location), frozenset()
+        try:
+            arenas = {info.id: self._map(info, manifest.lease) for info in manifest.arenas}
+        except OSError as exc:  # not the daemon's /dev/shm: another host, container or mount namespace
+            if self._requested is Transport.SHM:
+                raise DaemonError(
+                    f"cannot map the daemon's shared memory ({exc}); this process does not share the daemon's "
+                    "/dev/shm: use transport='http' (CKPTD_TRANSPORT=http) or 'auto' to stream over HTTP"
+                ) from exc
+            raise _CannotMap(str(exc)) from exc
+        self._used(Transport.SHM, manifest)
         on_gpu = {info.id for info in manifest.arenas if info.device != "cpu"}
         views = {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
         return views, frozenset(p.key for p in manifest.placements if p.arena in on_gpu)
+
+    def _streamed(self, manifest: Manifest, map_location: MapLocation) -> dict[str, torch.UntypedStorage]:
+        """The manifest's storages streamed from the daemon's resident copy into this
+        process (those ``map_location`` sends to ``meta`` are not fetched: torch reads none)."""
+        storages = manifest.layout.storages
+        wanted = [p for p in manifest.placements if target_tag(map_location, storages[p.key].location) != "meta"]
+        if any(info.device != "cpu" for info in manifest.arenas if info.id in {p.arena for p in wanted}):
+            raise DaemonError("the daemon sent GPU arenas to a client that streams over HTTP; it sends host arenas only")
+        reader = RangeReader(self.url, self._headers, self._http.timeout.read or 600.0)
+        try:  # connections for this load only: the daemon closes idle ones
+            views, self.last_fetch = fetch_views(reader, manifest.lease, wanted)
+        finally:
+            reader.close()
+        self._used(Transport.HTTP, manifest)
+        return views
+
+    def _used(self, transport: Transport, manifest: Manifest) -> None:
+        self.transport_used = transport.value
+        self.loads_by_transport[transport.value] += 1
+        if transport is Transport.HTTP and self.last_fetch is not None:
+            fetched = self.last_fetch
+            logger.info("%s: %d bytes streamed over HTTP from %s (%d ranges, %d fetched again)",
+                        manifest.path, fetched.nbytes, self.url, fetched.ranges, fetched.retries)
+        else:
+            logger.info("%s: mapped from the daemon's shared memory (%s)", manifest.path, self.url)
+
+    def _switch_to_http(self, reason: str) -> None:
+        logger.info("cannot map the daemon's shared memory (%s): loads from %s stream over HTTP from now on",
+                    reason, self.url)
+        self._transport = Transport.HTTP
 
     def _map(self, info: ArenaInfo, lease: str) -> torch.UntypedStorage:
         with self._lock:
@@ -197,14 +268,23 @@ class Client(Connection):
         finally:
             os.close(fd)
 
-    def _hold(self, manifest: Manifest, build: Any) -> Any:
+    def _hold(self, manifest: Manifest, build: Callable[[Manifest], Any], again: Callable[[], Manifest]) -> Any:
         """Map the arenas and build the result, then keep its lease until they are unmapped
-        (released at once if anything fails)."""
+        (released at once if anything fails; at once after a streamed load, whose bytes
+        are this process's own). A first mapping that fails (``auto``) switches this client
+        to streaming and loads again under a fresh manifest (``again``)."""
         try:
-            result = build()
+            result = build(manifest)
+        except _CannotMap as exc:
+            self._release(manifest.lease)
+            self._switch_to_http(str(exc))
+            return self._hold(again(), build, again)
         except BaseException:
             self._release(manifest.lease)
             raise
+        if self._transport is Transport.HTTP:
+            self._release(manifest.lease)
+            return result
         self._leases.set_interval(manifest.lease_ttl)
         self._leases.hold(manifest.lease, {info.id for info in manifest.arenas}, self._alive_arenas())
         self._session.open()  # after the load, so its connection does not compete with it
@@ -229,6 +309,10 @@ class Client(Connection):
         self._leases.stop()
         self._session.close()
         super().close()
+
+
+class _CannotMap(Exception):
+    """Internal: this process cannot map the daemon's shared memory (``auto`` then streams)."""
 
 
 class _LeaseKeeper:

@@ -29,6 +29,7 @@ from ckptd.formats import (
     FileLike,
     Format,
     Layout,
+    ShardedIndex,
     Source,
     TensorEntry,
     default_load_byteorder,
@@ -329,9 +330,10 @@ def _torchscript_via_load(f: FileLike, source: Source, map_location: MapLocation
 
 
 def sharded_plan(
-    path: str, tensor_name: str | None, prefix: str | None, select: Select
+    path: str, tensor_name: str | None, prefix: str | None, select: Select, index: ShardedIndex | None = None
 ) -> tuple[list[str], dict[str, list[str]]]:
-    """Which names a sharded load returns (in index order) and which shard holds each.
+    """Which names a sharded load returns (in index order) and which shard holds each
+    (``index``: the index already read, e.g. by the daemon, else it is read from ``path``).
 
     >>> import json, pathlib, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -344,7 +346,7 @@ def sharded_plan(
     >>> names, [os.path.basename(s) for s in shards]
     (['x', 'y'], ['a.pt', 'b.pt'])
     """
-    index = read_sharded_index(path)
+    index = index if index is not None else read_sharded_index(path)
     names = list(index.weight_map)
     entries = {name: _shard_entry(name) for name in names}
     if tensor_name is not None:
@@ -358,11 +360,11 @@ def sharded_plan(
 
 def load_shards(
     path: str, tensor_name: str | None, prefix: str | None, select: Select,
-    load_shard: Callable[[str, list[str]], Mapping[str, Any]],
+    load_shard: Callable[[str, list[str]], Mapping[str, Any]], index: ShardedIndex | None = None,
 ) -> Any:
     """A Hugging Face sharded checkpoint, ``load_shard(shard, names)`` per shard, merged into
     one state dict in the index's order (or the one tensor ``tensor_name`` names)."""
-    names, plan = sharded_plan(path, tensor_name, prefix, select)
+    names, plan = sharded_plan(path, tensor_name, prefix, select, index)
     merged: dict[str, Any] = {}
     for shard, wanted in plan.items():
         merged.update(load_shard(shard, wanted))

@@ -12,6 +12,9 @@ setting            variable                   meaning (default)
                                               layer's default, 2 to 8 by CPU count)
 ``chunk_bytes``    ``CKPTD_CHUNK_BYTES``      bytes per read, ``16MiB`` or ``16M`` (none: 16 MiB)
 ``timeout``        ``CKPTD_TIMEOUT``          seconds to wait for the daemon's answer (600)
+``transport``      ``CKPTD_TRANSPORT``        how a daemon's storages arrive: ``shm`` (map its
+                                              shared memory), ``http`` (stream them), ``auto``
+                                              (none: stream from another host, else map)
 =================  =========================  ===============================================
 
 The variables are read once, on first use; ``ckptd.settings.set(...)`` changes the
@@ -40,6 +43,7 @@ from typing import Any
 from ._exceptions import UsageError
 
 ENV_PREFIX = "CKPTD_"
+TRANSPORTS = ("auto", "shm", "http")  # ckptd._remote.Transport's values
 DEFAULT_TIMEOUT = 600.0
 
 # pydantic's ByteSize units (decimal kb..eb and bare k..e, binary kib..eib), plus Kubernetes'
@@ -102,6 +106,7 @@ class ClientSettings:
     reader_threads: int | None = None
     chunk_bytes: int | None = None
     timeout: float = DEFAULT_TIMEOUT
+    transport: str | None = None
     default_url: str = dataclasses.field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +116,8 @@ class ClientSettings:
             raise UsageError(f"chunk_bytes: {self.chunk_bytes!r} must be at least 1 byte")
         if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"timeout: {self.timeout!r} is not a positive number of seconds")
+        if self.transport is not None and self.transport.lower() not in TRANSPORTS:
+            raise UsageError(f"transport {self.transport!r}: expected one of {', '.join(TRANSPORTS)}")
 
     @staticmethod
     def variables() -> dict[str, str]:

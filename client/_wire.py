@@ -20,6 +20,9 @@ import httpx
 
 from . import _exceptions as errors
 
+# The CRC-32 (zlib's, 8 hex digits) of the bytes of a range the daemon sends from an arena.
+CHECKSUM_HEADER = "X-Ckptd-CRC32"
+
 STATUS: dict[type[errors.CkptdError], int] = {
     errors.AuthenticationError: 401,
     errors.PathNotAllowedError: 403,

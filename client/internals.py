@@ -11,7 +11,8 @@ releases.
   :func:`read_storages` (storages read into arenas, as the embedded engine reads them);
 * the manifest a client attaches from: :class:`Manifest`, :class:`ArenaInfo`,
   :class:`Placement`;
-* errors on the wire: :func:`status_for`, :func:`error_body`;
+* errors on the wire: :func:`status_for`, :func:`error_body`; :data:`CHECKSUM_HEADER`, the
+  header carrying the CRC-32 of an arena range streamed to a worker;
 * the client's side of the environment: :func:`default_socket` (where both ends look for
   the daemon), :func:`client_variables` (the ``CKPTD_*`` names the client reads, which the
   daemon leaves alone), :func:`parse_size` (the client's size parser, which agrees with
@@ -29,7 +30,7 @@ from ._placement import target_tag
 from ._select import Select
 from ._settings import ClientSettings, default_socket, parse_size
 from ._storages import read_storages
-from ._wire import error_body, status_for
+from ._wire import CHECKSUM_HEADER, error_body, status_for
 
 
 def client_variables() -> frozenset[str]:
@@ -38,6 +39,7 @@ def client_variables() -> frozenset[str]:
 
 
 __all__ = [
+    "CHECKSUM_HEADER",
     "ArenaInfo",
     "Manifest",
     "Placement",

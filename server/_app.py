@@ -5,8 +5,12 @@ route                                  answer
 =====================================  ===============================================
 ``POST /v1/load``                      the manifest (arenas, placements, layout, lease)
 ``POST /v1/prefetch``                  the checkpoint's info (resident, no lease)
+``POST /v1/index``                     a sharded checkpoint's index (``*.index.json``), checked
 ``POST /v1/leases/{lease}/renew``      ``{"lease", "expires_in"}``
 ``DELETE /v1/leases/{lease}``          204 (idempotent)
+``GET /v1/leases/{lease}/arenas/{id}``  the bytes of a leased host arena (``Range: bytes=a-b``
+                                       gives 206), their CRC-32 in ``X-Ckptd-CRC32``: how
+                                       workers that cannot map shared memory load
 ``GET /v1/sessions/{session}``         a heartbeat line every 5 s; when the connection drops,
                                        the session's leases are released
 ``GET /v1/checkpoints``                every cached checkpoint's info
@@ -36,11 +40,14 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -49,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ckptd
 from ckptd import AuthenticationError, CkptdError, DaemonError, UsageError
-from ckptd.internals import error_body, status_for
+from ckptd.internals import CHECKSUM_HEADER, error_body, status_for
 
 from ._config import Settings
 from ._metrics import Metrics
@@ -68,6 +75,7 @@ MAX_PATH = 4096  # Linux's PATH_MAX: nothing longer can be opened, so nothing lo
 MAX_NAME = 4096  # tensor names, prefixes, select entries
 MAX_TAG = 64  # a location tag ("cuda:7", "cpu")
 MAX_ID = 64  # lease and session ids (ckptd makes 22-character ones)
+STREAM_PIECE_BYTES = 1 << 20  # an arena's bytes go out in pieces of this size
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,6 +87,14 @@ class JsonReady(Protocol):
     """A result the cache returns (a Manifest, a CheckpointInfo)."""
 
     def to_json(self) -> dict[str, Any]: ...
+
+
+class HostBytes(Protocol):
+    """A host arena as the cache lends it (:class:`ckptd.gpu.Arena`)."""
+
+    @property
+    def nbytes(self) -> int: ...
+    def host_bytes(self, offset: int, nbytes: int) -> memoryview: ...
 
 
 class CacheService(Protocol):
@@ -96,10 +112,12 @@ class CacheService(Protocol):
         session: str | None = None,
     ) -> JsonReady: ...
     def prefetch(self, path: str) -> JsonReady: ...
+    def sharded_index(self, path: str) -> Any: ...
     def checkpoints(self) -> list[Any]: ...
     def evict(self, ident: str) -> JsonReady: ...
     def renew(self, lease: str) -> float: ...
     def release(self, lease: str) -> None: ...
+    def host_arena(self, lease: str, arena: str) -> HostBytes: ...
     def begin_session(self, session: str) -> None: ...
     def end_session(self, session: str) -> int: ...
     def stats(self) -> dict[str, object]: ...
@@ -220,6 +238,45 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(DaemonError(f"internal error ({type(exc).__name__}); see the daemon's log"), 500)
 
 
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The ``[start, end)`` one ``Range: bytes=...`` header asks of ``size`` bytes (``None``: no
+    header, the whole); anything unsatisfiable is a :class:`UsageError` (answered 416).
+
+    >>> parse_range("bytes=10-19", 100), parse_range("bytes=90-", 100), parse_range("bytes=-5", 100)
+    ((10, 20), (90, 100), (95, 100))
+    >>> parse_range("bytes=0-999", 100), parse_range(None, 100)
+    ((0, 100), None)
+    """
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if unit.strip().lower() != "bytes" or not dash or "," in spec:
+            raise ValueError
+        if not first.strip():  # a suffix: the last N bytes
+            count = int(last)
+            if count <= 0:
+                raise ValueError
+            start, end = max(0, size - count), size
+        else:
+            start = int(first)
+            end = min(size, int(last) + 1) if last.strip() else size
+            if int(first) < 0 or (last.strip() and int(last) < start):
+                raise ValueError
+    except ValueError:
+        raise UsageError(f"unsupported Range {header!r}: expected one range, bytes=START-END") from None
+    if start >= size:
+        raise UsageError(f"Range {header!r} starts past the arena's {size} bytes")
+    return start, end
+
+
+def _range_error(exc: UsageError, size: int) -> JSONResponse:
+    response = error_response(exc, 416)
+    response.headers["Content-Range"] = f"bytes */{size}"
+    return response
+
+
 # ---------------------------------------------------------------------------------------
 # Middleware: bearer token, body size
 # ---------------------------------------------------------------------------------------
@@ -338,7 +395,7 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
     >>> settings = Settings(roots=[root], shm_dir=root, socket="/tmp/ckdoc/d.sock")
     >>> app = create_app(types.SimpleNamespace(), settings, Metrics())
     >>> sorted(r.path for r in app.routes if r.path.startswith("/v1/"))[:3]
-    ['/v1/checkpoints', '/v1/checkpoints', '/v1/leases/{lease}']
+    ['/v1/checkpoints', '/v1/checkpoints', '/v1/index']
     """
     app = FastAPI(
         title="ckptd",
@@ -369,7 +426,40 @@ def end_sessions(app: FastAPI) -> None:
     app.state.stopping.set()
 
 
+class RangeChecksums:
+    """CRC-32s of arena ranges already sent, so the workers that load one checkpoint after
+    another (asking for the same ranges) cost the daemon no checksum pass. Arena ids are
+    never reused, so an entry cannot go stale; the least recently used are forgotten.
+
+    >>> sums = RangeChecksums(limit=1)
+    >>> sums.crc32("a", 0, memoryview(b"abc")) == zlib.crc32(b"abc") == sums.crc32("a", 0, memoryview(b"zzz"))
+    True
+    """
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self._limit = limit
+        self._sums: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def crc32(self, arena: str, start: int, data: memoryview) -> int:
+        """The CRC-32 of ``data``, the bytes of ``arena`` from ``start``."""
+        key = (arena, start, len(data))
+        with self._lock:
+            known = self._sums.get(key)
+            if known is not None:
+                self._sums.move_to_end(key)
+                return known
+        crc = zlib.crc32(data)  # outside the lock: zlib releases the GIL on big buffers
+        with self._lock:
+            self._sums[key] = crc
+            while len(self._sums) > self._limit:
+                self._sums.popitem(last=False)
+        return crc
+
+
 def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
+    checksums = RangeChecksums()
+
     @app.post("/v1/load", tags=["load"], summary="Load a checkpoint: its manifest, under a new lease")
     def load(request: LoadRequest) -> JSONResponse:
         manifest = cache.load(
@@ -382,6 +472,12 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
             session=request.session,
         )
         return JSONResponse(manifest.to_json())
+
+    @app.post("/v1/index", tags=["load"], summary="A sharded checkpoint's index, for clients that cannot read it")
+    def sharded_index(request: PrefetchRequest) -> JSONResponse:
+        index = cache.sharded_index(request.path)
+        return JSONResponse({"name": index.name, "directory": index.directory, "weight_map": dict(index.weight_map),
+                             "shards": list(index.shards), "metadata": dict(index.metadata)})
 
     @app.get("/v1/sessions/{session}", tags=["load"], summary="Hold a session open; its leases end when it closes")
     async def watch_session(session: Annotated[str, PathParam(max_length=MAX_ID)]) -> StreamingResponse:
@@ -406,10 +502,42 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
     def renew(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> dict[str, Any]:
         return {"lease": lease, "expires_in": cache.renew(lease)}
 
+    @app.get("/v1/leases/{lease}/arenas/{arena}", tags=["load"],
+             summary="Bytes of a host arena the lease holds (Range requests; CRC-32 of the bytes sent)")
+    def arena_bytes(
+        lease: Annotated[str, PathParam(max_length=MAX_ID)], arena: Annotated[str, PathParam(max_length=MAX_ID)],
+        range_header: Annotated[str | None, Header(alias="Range", max_length=MAX_NAME)] = None,
+    ) -> Response:
+        """For workers that cannot map the daemon's shared memory: they stream the storages'
+        bytes (the manifest's placements) from here, checking each range's ``X-Ckptd-CRC32``."""
+        found = cache.host_arena(lease, arena)
+        try:
+            span = parse_range(range_header, found.nbytes)
+        except UsageError as exc:
+            return _range_error(exc, found.nbytes)
+        start, end = span if span is not None else (0, found.nbytes)
+        data = found.host_bytes(start, end - start)
+        headers = {"Accept-Ranges": "bytes", CHECKSUM_HEADER: f"{checksums.crc32(arena, start, data):08x}",
+                   "Content-Length": str(end - start)}
+        if span is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{found.nbytes}"
+        pieces = (data[at : at + STREAM_PIECE_BYTES] for at in range(0, end - start, STREAM_PIECE_BYTES))
+        # found (the arena) stays referenced by this closure while the bytes go out
+        return StreamingResponse(_keeping(found, pieces), status_code=206 if span is not None else 200,
+                                 media_type="application/octet-stream", headers=headers)
+
     @app.delete("/v1/leases/{lease}", tags=["load"], status_code=204, summary="Release a lease (idempotent)")
     def release(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> Response:
         cache.release(lease)
         return Response(status_code=204)
+
+
+async def _keeping(owner: object, pieces: Iterator[memoryview]) -> AsyncIterator[memoryview]:
+    """``pieces`` (slices of memory: no blocking work, so no thread hop each), while holding
+    ``owner`` (the memory they view) alive."""
+    for piece in pieces:
+        yield piece
+    del owner
 
 
 def _add_admin_routes(app: FastAPI, cache: CacheService, settings: Settings) -> None:

@@ -44,9 +44,11 @@ from ckptd.formats import (
     CheckpointNotFoundError,
     Format,
     Layout,
+    ShardedIndex,
     is_sharded_index,
     open_source,
     read_layout,
+    read_sharded_index,
 )
 from ckptd.gpu import Arena, DeviceBuffer, shm_arena
 
@@ -251,6 +253,28 @@ class Cache:
         if self._tier is None:
             raise UsageError("this daemon holds no GPU arenas")
         return self._tier.buffer(checkpoint, arena)
+
+    def sharded_index(self, path: str) -> ShardedIndex:
+        """A sharded checkpoint's ``*.index.json``, read here (inside the roots) for clients that
+        cannot read the file themselves: they then load it shard by shard."""
+        real = os.path.realpath(path)
+        if not any(Path(real).is_relative_to(root) for root in self._roots):
+            raise PathNotAllowedError(f"{path} resolves to {real}, outside the daemon's roots")
+        if not is_sharded_index(real):
+            raise UsageError(f"{path} is not a sharded checkpoint index (*.index.json)")
+        return read_sharded_index(real)
+
+    def host_arena(self, lease: str, arena: str) -> Arena:
+        """Host arena ``arena`` of the checkpoint ``lease`` holds, for streaming its bytes to a
+        client that cannot map it (:class:`LeaseLostError` without a live lease; valid while
+        the returned arena object lives, even if evicted meanwhile)."""
+        checkpoint = self.leases.checkpoint_of(lease)
+        with self._lock:
+            entry = self._entries.get(checkpoint)
+            found = entry.arenas.get(arena) if entry is not None else None
+        if found is None:
+            raise CheckpointNotFoundError(arena, "is no host arena of the checkpoint this lease holds")
+        return found
 
     def begin_session(self, session: str) -> None:
         """A client opened its session connection (counted in :meth:`stats`)."""
