@@ -212,7 +212,14 @@ def _resolve_weights_only(weights_only: bool | None, pickle_module: ModuleType |
         if pickle_module is not None:
             raise UsageError("Can not safely load weights when explicit pickle_module is specified")
         return True, _weights_only_unpickler
-    return False, pickle_module if pickle_module is not None else pickle
+    module = pickle_module if pickle_module is not None else pickle
+    check_dill = getattr(torch.serialization, "_check_dill_version", None)
+    if check_dill is not None:
+        try:  # torch refuses dill older than 0.3.1 (its own check and message)
+            check_dill(module)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    return False, module
 
 
 def _default_mmap() -> bool:

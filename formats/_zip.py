@@ -360,6 +360,7 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
             raise CheckpointError(source.name, f"record name {record_name!r} is not UTF-8: corrupt") from exc
     prefix = archive_prefix(directory, source.name)
     is_script = f"{prefix}/constants.pkl" in directory.names()  # torch.load's test is exact
+    _read_as_torch_does(source, directory, prefix)
     pickle_record = directory.find(f"{prefix}/{pickle_name}")
     if pickle_record is None:
         raise CheckpointError(source.name, f"zip archive has no {pickle_name} record: not a torch checkpoint")
@@ -384,6 +385,18 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
     )
     validate(layout)
     return layout
+
+
+# The small records torch.load reads before the pickle (a broken one fails it there).
+_READ_FIRST = (".data/serialization_id", ".format_version", ".storage_alignment")
+
+
+def _read_as_torch_does(source: Source, directory: Directory, prefix: str) -> None:
+    """Read the records torch.load reads before the pickle, so a broken one fails here too."""
+    version = directory.find(f"{prefix}/.data/version") or directory.find(f"{prefix}/version")
+    for record in (version, *(directory.find(f"{prefix}/{name}") for name in _READ_FIRST)):
+        if record is not None:
+            read_record(source, record)
 
 
 def _readable_records(source: Source, directory: Directory) -> dict[str, tuple[int, int]]:

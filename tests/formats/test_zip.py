@@ -668,3 +668,18 @@ def test_missing_file_is_not_found(tmp_path: Path) -> None:
         open_source(str(path))
     with pytest.raises(FileNotFoundError):
         open_source(str(path))
+
+
+@pytest.mark.parametrize("record", ["version", ".data/serialization_id", ".storage_alignment"])
+def test_records_torch_reads_first_fail_as_in_torch_when_broken(tmp_path: Path, record: str) -> None:
+    """torch reads these small records before the pickle: a broken local header fails the load there."""
+    raw = bytearray(_save({"x": torch.ones(2)}, tmp_path / "orig.pt").read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        info = archive.getinfo(f"orig/{record}")
+    raw[info.header_offset : info.header_offset + 4] = b"XXXX"
+    path = tmp_path / "broken.pt"
+    path.write_bytes(raw)
+    with pytest.raises(RuntimeError):
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match="no local header"):
+        layout_of(path)
