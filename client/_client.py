@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -182,7 +183,7 @@ class Client(Connection):
             "prefix": prefix,
             "select": list(select) if select is not None and not isinstance(select, str) else select,
             "devices": self._device_table() if gpus and self._transport is not Transport.HTTP else None,
-            "session": self._session.id,
+            "session": self._session.ensure(),  # open before the lease is granted: a death mid-load releases it
         }
         return Manifest.from_json(self._request("POST", "/v1/load", json=body))
 
@@ -287,7 +288,6 @@ class Client(Connection):
             return result
         self._leases.set_interval(manifest.lease_ttl)
         self._leases.hold(manifest.lease, {info.id for info in manifest.arenas}, self._alive_arenas())
-        self._session.open()  # after the load, so its connection does not compete with it
         return result
 
     def _alive_arenas(self) -> set[str]:
@@ -379,53 +379,117 @@ class _LeaseKeeper:
 class _SessionWatch:
     """Keeps ``GET /v1/sessions/{id}`` open while this process lives.
 
-    When the process dies, even by SIGKILL, the kernel closes the connection and the
-    daemon releases the session's leases at once instead of at their TTL.
+    :meth:`ensure` opens it before every load that finds it closed (the first load, the
+    first after a daemon restart) and returns once the daemon has begun the session, so
+    every lease this client is granted belongs to a session the daemon watches: when the
+    process dies, even by SIGKILL and even in the middle of its first load, the kernel
+    closes the connection and the daemon releases the session's leases at once instead
+    of at their TTL. A connection that ends (the daemon stopped or restarted, taking its
+    leases with it) is opened again, under the same id, by the next load.
     """
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         self.id = secrets.token_urlsafe(16)
         self._url, self._headers = url, headers
-        self._http: httpx.Client | None = None
+        self._changed = threading.Condition()
+        self._watching = False  # a thread is connecting or connected
+        self._connected = False  # the daemon has begun the session on that connection
+        self._closed = False
         self._thread: threading.Thread | None = None
+        self._http: httpx.Client | None = None
         self._socket: socket.socket | None = None
-        self._lock = threading.Lock()
         atexit.register(self.close)
 
-    def open(self) -> str:
-        """Start watching (once); returns the session id loads carry."""
-        with self._lock:
-            if self._thread is None:
-                transport, base = transport_for(self._url)
-                self._http = httpx.Client(transport=transport, base_url=base, headers=self._headers,
-                                          timeout=httpx.Timeout(10.0, read=None))
-                self._thread = threading.Thread(target=self._run, args=(self._http,), name="ckptd-session", daemon=True)
-                self._thread.start()
+    def ensure(self, timeout: float = 10.0) -> str:
+        """Open the session connection unless it is open; returns the session id loads carry.
+
+        Returns once the daemon has begun the session, or the attempt failed (the load that
+        follows says why), or ``timeout`` passed.
+        """
+        deadline = time.monotonic() + timeout
+        tried = False
+        with self._changed:
+            while not (self._closed or self._connected):
+                if not self._watching:
+                    if tried:
+                        break  # this attempt failed
+                    self._start_locked()
+                    tried = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
         return self.id
 
-    def _run(self, http: httpx.Client) -> None:
+    def _start_locked(self) -> None:
+        self._watching = True
+        self._thread = threading.Thread(target=self._watch, name="ckptd-session", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        """One connection: until the daemon has begun the session, then until it ends."""
+        http: httpx.Client | None = None
         try:
+            if not _listening(self._url):
+                return  # nothing to connect to (httpcore would leak the refused socket)
+            transport, base = transport_for(self._url)
+            http = httpx.Client(transport=transport, base_url=base, headers=self._headers,
+                                timeout=httpx.Timeout(10.0, read=None))
+            with self._changed:
+                if self._closed:
+                    return
+                self._http = http
             with http.stream("GET", f"/v1/sessions/{self.id}") as response:
+                if response.status_code != 200:
+                    logger.warning("session %s refused: HTTP %d", self.id, response.status_code)
+                    return
                 stream = response.extensions.get("network_stream")
-                with self._lock:
+                chunks = response.iter_raw()
+                next(chunks, None)  # the first heartbeat: the daemon has begun the session
+                with self._changed:
                     self._socket = stream.get_extra_info("socket") if stream is not None else None
-                for _ in response.iter_raw():
+                    self._connected = True
+                    self._changed.notify_all()
+                for _ in chunks:
                     pass
         except (httpx.HTTPError, OSError, RuntimeError) as exc:  # closed under us, or the daemon went away
             logger.debug("session %s watch ended: %s", self.id, exc)
+        finally:
+            with self._changed:
+                self._watching = self._connected = False
+                self._socket = self._http = None
+                self._changed.notify_all()
+            if http is not None:
+                http.close()
 
     def close(self) -> None:
         """Stop watching (leases then live by renewal alone, or are released by the caller)."""
-        with self._lock:
-            http, thread, self._http, self._thread = self._http, self._thread, None, None
-            sock, self._socket = self._socket, None
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            thread, http, sock = self._thread, self._http, self._socket
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the watching thread's read at once
         if http is not None:
-            http.close()
-        if thread is not None:
+            with contextlib.suppress(RuntimeError):
+                http.close()
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
+
+
+def _listening(url: str) -> bool:
+    """Whether something accepts connections at a ``unix://`` URL (other URLs: assumed so)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "unix":
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5.0)
+        try:
+            probe.connect(parsed.path)
+        except OSError:
+            return False
+    return True
 
 
 def receive_fd(url: str, lease: str, arena: str) -> int:

@@ -11,8 +11,9 @@ route                                  answer
 ``GET /v1/leases/{lease}/arenas/{id}``  the bytes of a leased host arena (``Range: bytes=a-b``
                                        gives 206), their CRC-32 in ``X-Ckptd-CRC32``: how
                                        workers that cannot map shared memory load
-``GET /v1/sessions/{session}``         a heartbeat line every 5 s; when the connection drops,
-                                       the session's leases are released
+``GET /v1/sessions/{session}``         a heartbeat line every 5 s (the first at once: the session
+                                       has begun); when the session's last connection drops, its
+                                       leases are released; the stream ends when the daemon stops
 ``GET /v1/checkpoints``                every cached checkpoint's info
 ``DELETE /v1/checkpoints?ident=``      the evicted checkpoint's info (id or path)
 ``GET /v1/stats``                      cache totals, version, uptime, endpoints

@@ -152,7 +152,7 @@ class Cache:
         self._evictions = 0
         self._lock = threading.RLock()
         self._tier = tier
-        self._sessions: dict[str, int] = {}  # session id -> open connections
+        self._unreclaimed: dict[str, int] = {}  # dropped entry -> bytes clients with lapsed leases may map
         self._gpu_evictions_reported = 0
         if metrics:
             metrics.set_budget("cpu", self._budget)
@@ -277,18 +277,14 @@ class Cache:
         return found
 
     def begin_session(self, session: str) -> None:
-        """A client opened its session connection (counted in :meth:`stats`)."""
-        with self._lock:
-            self._sessions[session] = self._sessions.get(session, 0) + 1
+        """A client opened a session connection (counted in :meth:`stats`)."""
+        self.leases.open_session(session)
         self._report()
 
     def end_session(self, session: str) -> int:
-        """A client's session connection dropped (its process died): release its leases now."""
-        with self._lock:
-            left = self._sessions.pop(session, 0) - 1
-            if left > 0:
-                self._sessions[session] = left
-        ended = self.leases.end_session(session)
+        """A client's session connection dropped; when it was the session's last (its process
+        died), release the session's leases now. Returns how many were released."""
+        ended = self.leases.close_session(session)
         for lease in ended:
             logger.info("lease %s on %s released: its client's connection closed", lease.id, lease.checkpoint)
             self._forget_if_stale(lease.checkpoint)
@@ -315,7 +311,8 @@ class Cache:
             "resident_bytes": {"cpu": resident, **(self._tier.resident() if self._tier else {})},
             "budget_bytes": {"cpu": self._budget, **(self._tier.budgets if self._tier else {})},
             "leases": self.leases.total(),
-            "sessions": len(self._sessions),
+            "sessions": self.leases.sessions(),
+            "unreclaimed_bytes": self._unreclaimed_bytes(),
             "hits": sum(e.hits for e in entries),
             "misses": sum(e.misses for e in entries),
             "evictions": self._evictions,
@@ -509,7 +506,7 @@ class Cache:
     def _reserve(self, nbytes: int, loading: _Entry) -> None:
         """Count ``nbytes`` against the budget, evicting unleased entries (LRU first) to fit."""
         with self._lock:
-            while self._resident() + self._reserved + nbytes > self._budget:
+            while self._resident() + self._unreclaimed_bytes() + self._reserved + nbytes > self._budget:
                 victim = self._lru_victim(loading)
                 if victim is None:
                     raise OverBudgetError(self._over_budget_message(nbytes, loading))
@@ -530,12 +527,26 @@ class Cache:
         held = sum(e.nbytes for e in self._entries.values() if self.leases.count(e.id))
         return (
             f"{loading.path}: needs {nbytes} more bytes of host memory; the host budget is {self._budget} bytes, "
-            f"{self._resident()} resident ({held} held by leases). Release leases, evict checkpoints "
+            f"{self._resident()} resident ({held} held by leases), {self._unreclaimed_bytes()} still mapped by clients "
+            "whose leases lapsed. Release leases, evict checkpoints "
             "(`ckptd evict`), or start the daemon with a larger --host-budget."
         )
 
     def _resident(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
+
+    def _unreclaimed_bytes(self) -> int:
+        """Host memory of dropped entries that clients whose leases lapsed may still map.
+
+        Unlinking an arena frees nothing while a process maps it; a client that stopped
+        renewing (hung, stopped) but never released keeps its pages. That memory stays
+        counted against the host budget until the lease ends for good (see ``_leases``).
+        """
+        with self._lock:
+            lapsed = self.leases.lapsed_checkpoints()
+            for checkpoint in [c for c in self._unreclaimed if c not in lapsed]:
+                del self._unreclaimed[checkpoint]
+            return sum(self._unreclaimed.values())
 
     def _forget_if_stale(self, checkpoint: str) -> None:
         with self._lock:
@@ -545,6 +556,8 @@ class Cache:
 
     def _drop(self, entry: _Entry) -> None:
         """Unlink the entry's arenas (clients' mappings stay valid) and forget it."""
+        if entry.nbytes and entry.id in self.leases.lapsed_checkpoints():
+            self._unreclaimed[entry.id] = self._unreclaimed.get(entry.id, 0) + entry.nbytes
         for arena in entry.arenas.values():
             arena.unlink()
             arena.close()
@@ -585,7 +598,7 @@ class Cache:
             with self._lock:
                 resident = self._resident()
             self._metrics.set_resident("cpu", resident)
-            self._metrics.set_sessions(len(self._sessions))
+            self._metrics.set_sessions(self.leases.sessions())
             if self._tier:
                 for uuid, nbytes in self._tier.resident().items():
                     self._metrics.set_resident(uuid, nbytes)

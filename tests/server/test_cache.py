@@ -245,3 +245,34 @@ def test_unnameable_paths_are_usage_errors(tmp_path: Path, path: str) -> None:
     for call in (cache.load, cache.prefetch, cache.evict):
         with pytest.raises(ckptd.UsageError):
             call(path)
+
+
+def test_sessions_release_leases_only_with_their_last_connection(tmp_path: Path) -> None:
+    _save(tmp_path / "m.pt", 1)
+    cache = Cache(_settings(tmp_path), None)
+    cache.begin_session("S")
+    cache.begin_session("S")
+    cache.load(str(tmp_path / "m.pt"), session="S")
+    assert cache.end_session("S") == 0 and cache.stats()["leases"] == 1
+    assert cache.stats()["sessions"] == 1
+    assert cache.end_session("S") == 1 and cache.stats()["leases"] == 0
+
+
+def test_memory_clients_with_lapsed_leases_may_map_stays_counted(tmp_path: Path) -> None:
+    """A hung client's lease expires and its checkpoint is evicted, but unlinking frees
+    nothing while it maps the pages: they count against the budget until it lets go."""
+    _save(tmp_path / "a.pt", 4)
+    _save(tmp_path / "b.pt", 4, seed=1)
+    clock = [0.0]
+    cache = Cache(_settings(tmp_path, budget=6 * MB, ttl=10.0), None)
+    cache.leases._clock = lambda: clock[0]  # noqa: SLF001  (time travel)
+    lease = cache.load(str(tmp_path / "a.pt")).lease
+    clock[0] += 11
+    assert cache.reap() == 1
+    info = cache.evict(str(tmp_path / "a.pt"))
+    assert cache.stats()["unreclaimed_bytes"] == info.resident_bytes["cpu"] >= 4 * MB
+    with pytest.raises(ckptd.OverBudgetError, match="lapsed"):
+        cache.load(str(tmp_path / "b.pt"))  # 4 MiB more would pass 6 MiB with the hung client's 4
+    cache.release(lease)  # the client woke up and let go
+    assert cache.stats()["unreclaimed_bytes"] == 0
+    assert cache.load(str(tmp_path / "b.pt")).arenas

@@ -478,3 +478,108 @@ def test_sigterm_with_connected_clients_stops_at_once_and_cleanly(tmp_path: Path
             if stream is not None:
                 stream.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- sessions
+
+DIES_MID_LOAD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import ckptd, ckptd._client
+    url, path = sys.argv[1], sys.argv[2]
+    # The daemon has granted the lease and answered; the process dies before it does anything else.
+    ckptd._client.Client._hold = lambda self, manifest, build: os.kill(os.getpid(), signal.SIGKILL)
+    ckptd.Client(url).load(path)
+    """
+)
+
+LOADS_ON_CUE = textwrap.dedent(
+    """
+    import json, os, sys
+    import ckptd
+    url, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    client = ckptd.Client(url)
+    held = []
+    for round in range(2):
+        held.append(client.load(path))
+        with open(f"{out}.{round}.tmp", "w") as f:
+            json.dump({"round": round}, f)
+        os.replace(f"{out}.{round}.tmp", f"{out}.{round}")
+        sys.stdin.readline()
+    """
+)
+
+
+def test_client_killed_during_its_first_load_loses_the_lease_at_once(tmp_path: Path) -> None:
+    """The session connection is open before the first load's lease is granted (TTL 300 s here)."""
+    for slow in daemon_in(tmp_path, "--lease-ttl", "300"):
+        path = _checkpoint(slow.root, "first.pt")
+        script = tmp_path / "dies.py"
+        script.write_text(DIES_MID_LOAD)
+        with ckptd.Client(slow.url) as admin:
+            proc = subprocess.run([sys.executable, str(script), slow.url, str(path)], timeout=120)
+            assert proc.returncode == -signal.SIGKILL
+            assert cached_entry(admin, path)["misses"] == 1  # the load was served
+            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the dead client's lease to end", timeout=10)
+            admin.evict(str(path))
+
+
+def _serve(sock: str, root: Path, shm: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ckptd", "serve", "--socket", sock, "--root", str(root), "--shm-dir", str(shm),
+           "--lease-ttl", "300"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("ckptd: serving on ")
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_session_watch_reopens_after_a_daemon_restart(tmp_path: Path) -> None:
+    """The first load after a restart opens the session again, so a SIGKILL still frees its lease at once."""
+    root, shm = tmp_path / "root", tmp_path / "shm"
+    root.mkdir()
+    shm.mkdir()
+    path = _checkpoint(root, "restart.pt")
+    sockdir = tempfile.mkdtemp(prefix="ck", dir="/tmp")
+    sock = os.path.join(sockdir, "d.sock")
+    script = tmp_path / "cue.py"
+    script.write_text(LOADS_ON_CUE)
+    out = tmp_path / "cue"
+    first = _serve(sock, root, shm)
+    second = None
+    client = subprocess.Popen([sys.executable, str(script), f"unix://{sock}", str(path), str(out)],
+                              stdin=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "cue.0").exists(), "the first load", timeout=60)
+        _stop(first)
+        second = _serve(sock, root, shm)
+        assert client.stdin is not None
+        client.stdin.write("\n")
+        client.stdin.flush()
+        wait_for(lambda: (tmp_path / "cue.1").exists(), "the load after the restart", timeout=60)
+        with ckptd.Client(f"unix://{sock}") as admin:
+            assert cached_entry(admin, path)["leases"] == 1
+            assert admin.stats()["sessions"] == 1  # the worker's, reopened (this client loads nothing)
+            client.kill()
+            client.wait()
+            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the killed client's lease to end", timeout=10)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        if client.stdin is not None:
+            client.stdin.close()
+        _stop(first)
+        if second is not None:
+            _stop(second)
+        shutil.rmtree(sockdir, ignore_errors=True)
