@@ -488,7 +488,7 @@ DIES_MID_LOAD = textwrap.dedent(
     import ckptd, ckptd._client
     url, path = sys.argv[1], sys.argv[2]
     # The daemon has granted the lease and answered; the process dies before it does anything else.
-    ckptd._client.Client._hold = lambda self, manifest, build: os.kill(os.getpid(), signal.SIGKILL)
+    ckptd._client.Client._hold = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
     ckptd.Client(url).load(path)
     """
 )

@@ -30,7 +30,8 @@ NAMES = ("a.pt", "b.pt", "c.pt")
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # a TTL long enough that no renewal comes late on a busy CI machine: leases end by release
-    yield from daemon_in(tmp_path_factory.mktemp("storm"), "--lease-ttl", "60")
+    # and idle connections kept as long, so a slow round never races a keep-alive close
+    yield from daemon_in(tmp_path_factory.mktemp("storm"), "--lease-ttl", "60", "--keep-alive-timeout", "60", "--request-timeout", "60")
 
 
 def _state(seed: int) -> dict[str, Any]:
