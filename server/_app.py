@@ -19,11 +19,16 @@ route                                  answer
 ``GET /v1/stats``                      cache totals, version, uptime, endpoints
 ``GET /healthz``                       ``{"status": "ok"}``, never authenticated
 ``GET /metrics``                       Prometheus text exposition
+``GET /openapi.json``, ``GET /docs``   the schema, and Swagger UI served from the installed
+                                       ``fastapi-offline`` assets (no CDN), never authenticated
 =====================================  ===============================================
 
+Every answer is documented in the schema by the models of :mod:`ckptd.server._schema`,
+every error by its one error model, and the bearer scheme by ``bearerAuth``.
+
 **Auth.** When the daemon has a token, every request over TCP to a route but ``/healthz``
-(``/metrics`` unless ``public_metrics`` is set, ``/openapi.json`` and ``/docs`` included)
-needs ``Authorization: Bearer <token>``; anything else is 401 ``AuthenticationError``.
+and the documentation (``/metrics`` too, unless ``public_metrics`` is set) needs
+``Authorization: Bearer <token>``; anything else is 401 ``AuthenticationError``.
 Requests over the Unix socket need no token: the socket is owner-only (0600), so the
 kernel has already checked that the peer runs as the daemon's uid, and workers beside
 the daemon (compose, a Kubernetes node) need no secret. **Errors** have one shape,
@@ -40,6 +45,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.resources
+import importlib.util
 import logging
 import threading
 import time
@@ -51,7 +58,9 @@ from typing import Annotated, Any, Protocol
 from fastapi import FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -61,6 +70,16 @@ from ckptd.internals import CHECKSUM_HEADER, error_body, status_for
 
 from ._config import Settings
 from ._metrics import Metrics
+from ._schema import (
+    BEARER_SCHEME,
+    CheckpointInfoModel,
+    HealthModel,
+    LeaseRenewal,
+    ManifestModel,
+    ShardedIndexModel,
+    StatsModel,
+    error_responses,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +89,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/healthz"})
+DOCS_ASSETS = "/docs/static"  # Swagger UI's files, from the fastapi-offline package
+DOCS_PATHS = frozenset({"/openapi.json", "/docs"})  # the schema is not secret
+OPEN_PATHS = frozenset({"/healthz"}) | DOCS_PATHS
 SESSION_HEARTBEAT_S = 5.0
 MAX_PATH = 4096  # Linux's PATH_MAX: nothing longer can be opened, so nothing longer is resolved
 MAX_NAME = 4096  # tensor names, prefixes, select entries
@@ -296,12 +317,15 @@ class TokenAuth:
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._open or _over_unix(scope) or self._authorized(scope):
+        if scope["type"] != "http" or self._is_open(scope["path"]) or _over_unix(scope) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         await error_response(AuthenticationError("missing or wrong token (send Authorization: Bearer <token>)"))(
             scope, receive, send
         )
+
+    def _is_open(self, path: str) -> bool:
+        return path in self._open or path.startswith(DOCS_ASSETS + "/")
 
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope.get("headers") or ()).get(b"authorization", b"")
@@ -401,7 +425,10 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
     app = FastAPI(
         title="ckptd",
         version=ckptd.__version__,
-        description="PyTorch checkpoints loaded once, kept resident in shared memory, served under leases.",
+        description=DESCRIPTION,
+        docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: blank offline
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.started = time.monotonic()
     app.state.tcp = settings.tcp_url
@@ -410,12 +437,33 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
     _add_load_routes(app, cache)
     _add_admin_routes(app, cache, settings)
     _add_probe_routes(app, metrics)
+    _add_docs(app, settings)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     token = settings.token
     if token is not None:
         open_paths = OPEN_PATHS | {"/metrics"} if settings.public_metrics else OPEN_PATHS
         app.add_middleware(TokenAuth, token=token, open_paths=open_paths)  # outermost: refuse before reading any body
     return app
+
+
+DESCRIPTION = """PyTorch checkpoints loaded once, kept resident in shared memory, served under leases.
+
+**Auth.** Over TCP, every route but `/healthz` (and `/metrics` when the daemon runs with
+`--public-metrics`) needs `Authorization: Bearer <token>` (*Authorize* above). Over the
+daemon's Unix socket no token is needed: the socket is owner-only.
+
+**Errors** have one shape, `{"error": {"type": "<ckptd exception>", "message": "..."}}`;
+the Python client raises the named exception.
+"""
+
+# Errors a route can answer with, besides 401 (a missing token over TCP) and 500.
+LOAD_ERRORS = (403, 404, 413, 415, 422, 507)
+TEXT = {"text/plain": {"schema": {"type": "string"}}}
+HEARTBEATS = {"description": "a newline every few seconds while the session lives", "content": TEXT}
+PROMETHEUS = {"description": "Prometheus text exposition", "content": TEXT}
+BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+ARENA_BYTES = {"description": "the whole arena; X-Ckptd-CRC32 is the CRC-32 of the bytes sent", "content": BYTES}
+ARENA_RANGE = {"description": "the range asked for (Range: bytes=A-B); X-Ckptd-CRC32 as above", "content": BYTES}
 
 
 def end_sessions(app: FastAPI) -> None:
@@ -461,7 +509,10 @@ class RangeChecksums:
 def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
     checksums = RangeChecksums()
 
-    @app.post("/v1/load", tags=["load"], summary="Load a checkpoint: its manifest, under a new lease")
+    @app.post(
+        "/v1/load", tags=["load"], summary="Load a checkpoint: its manifest, under a new lease",
+        response_model=ManifestModel, responses=error_responses(401, *LOAD_ERRORS, 500),
+    )  # fmt: skip
     def load(request: LoadRequest) -> JSONResponse:
         manifest = cache.load(
             request.path,
@@ -474,13 +525,19 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         )
         return JSONResponse(manifest.to_json())
 
-    @app.post("/v1/index", tags=["load"], summary="A sharded checkpoint's index, for clients that cannot read it")
+    @app.post(
+        "/v1/index", tags=["load"], summary="A sharded checkpoint's index, for clients that cannot read it",
+        response_model=ShardedIndexModel, responses=error_responses(401, *LOAD_ERRORS, 500),
+    )  # fmt: skip
     def sharded_index(request: PrefetchRequest) -> JSONResponse:
         index = cache.sharded_index(request.path)
         return JSONResponse({"name": index.name, "directory": index.directory, "weight_map": dict(index.weight_map),
                              "shards": list(index.shards), "metadata": dict(index.metadata)})
 
-    @app.get("/v1/sessions/{session}", tags=["load"], summary="Hold a session open; its leases end when it closes")
+    @app.get(
+        "/v1/sessions/{session}", tags=["load"], summary="Hold a session open; its leases end when it closes",
+        response_class=Response, responses={200: HEARTBEATS, **error_responses(401, 422, 500)},
+    )  # fmt: skip
     async def watch_session(session: Annotated[str, PathParam(max_length=MAX_ID)]) -> StreamingResponse:
         """A line every few seconds for as long as the client keeps the connection; when it
         drops (the client died, even by SIGKILL), the session's leases are released."""
@@ -499,12 +556,18 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
 
         return StreamingResponse(heartbeat(), media_type="text/plain")
 
-    @app.post("/v1/leases/{lease}/renew", tags=["load"], summary="Extend a lease")
+    @app.post(
+        "/v1/leases/{lease}/renew", tags=["load"], summary="Extend a lease",
+        response_model=LeaseRenewal, responses=error_responses(401, 410, 422, 500),
+    )  # fmt: skip
     def renew(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> dict[str, Any]:
         return {"lease": lease, "expires_in": cache.renew(lease)}
 
-    @app.get("/v1/leases/{lease}/arenas/{arena}", tags=["load"],
-             summary="Bytes of a host arena the lease holds (Range requests; CRC-32 of the bytes sent)")
+    @app.get(
+        "/v1/leases/{lease}/arenas/{arena}", tags=["load"],
+        summary="Bytes of a host arena the lease holds (Range requests; CRC-32 of the bytes sent)",
+        response_class=Response, responses={200: ARENA_BYTES, 206: ARENA_RANGE, **error_responses(401, 404, 410, 416, 422, 500)},
+    )  # fmt: skip
     def arena_bytes(
         lease: Annotated[str, PathParam(max_length=MAX_ID)], arena: Annotated[str, PathParam(max_length=MAX_ID)],
         range_header: Annotated[str | None, Header(alias="Range", max_length=MAX_NAME)] = None,
@@ -527,7 +590,10 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         return StreamingResponse(_keeping(found, pieces), status_code=206 if span is not None else 200,
                                  media_type="application/octet-stream", headers=headers)
 
-    @app.delete("/v1/leases/{lease}", tags=["load"], status_code=204, summary="Release a lease (idempotent)")
+    @app.delete(
+        "/v1/leases/{lease}", tags=["load"], status_code=204, summary="Release a lease (idempotent)",
+        response_class=Response, responses=error_responses(401, 422, 500),
+    )  # fmt: skip
     def release(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> Response:
         cache.release(lease)
         return Response(status_code=204)
@@ -542,19 +608,31 @@ async def _keeping(owner: object, pieces: Iterator[memoryview]) -> AsyncIterator
 
 
 def _add_admin_routes(app: FastAPI, cache: CacheService, settings: Settings) -> None:
-    @app.post("/v1/prefetch", tags=["cache"], summary="Make a checkpoint resident (no lease)")
+    @app.post(
+        "/v1/prefetch", tags=["cache"], summary="Make a checkpoint resident (no lease)",
+        response_model=CheckpointInfoModel, responses=error_responses(401, *LOAD_ERRORS, 500),
+    )  # fmt: skip
     def prefetch(request: PrefetchRequest) -> JSONResponse:
         return JSONResponse(cache.prefetch(request.path).to_json())
 
-    @app.get("/v1/checkpoints", tags=["cache"], summary="Every cached checkpoint")
+    @app.get(
+        "/v1/checkpoints", tags=["cache"], summary="Every cached checkpoint",
+        response_model=list[CheckpointInfoModel], responses=error_responses(401, 500),
+    )  # fmt: skip
     def checkpoints() -> JSONResponse:
         return JSONResponse([info.to_json() for info in cache.checkpoints()])
 
-    @app.delete("/v1/checkpoints", tags=["cache"], summary="Evict a checkpoint by id or path")
+    @app.delete(
+        "/v1/checkpoints", tags=["cache"], summary="Evict a checkpoint by id or path; says what it freed",
+        response_model=CheckpointInfoModel, responses=error_responses(401, 404, 409, 422, 500),
+    )  # fmt: skip
     def evict(ident: Annotated[str, Query(max_length=MAX_PATH), AfterValidator(check_path)]) -> JSONResponse:
         return JSONResponse(cache.evict(ident).to_json())
 
-    @app.get("/v1/stats", tags=["cache"], summary="Cache totals and daemon facts")
+    @app.get(
+        "/v1/stats", tags=["cache"], summary="Cache totals and daemon facts",
+        response_model=StatsModel, responses=error_responses(401, 500),
+    )  # fmt: skip
     def stats(request: Request) -> JSONResponse:
         body = dict(cache.stats())
         body.update(
@@ -567,10 +645,61 @@ def _add_admin_routes(app: FastAPI, cache: CacheService, settings: Settings) -> 
 
 
 def _add_probe_routes(app: FastAPI, metrics: Metrics) -> None:
-    @app.get("/healthz", tags=["probes"], summary="Liveness (never needs the token)")
+    @app.get(
+        "/healthz", tags=["probes"], summary="Liveness (never needs the token)",
+        response_model=HealthModel, responses=error_responses(500),
+    )  # fmt: skip
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics (needs the token when one is set)")
+    @app.get(
+        "/metrics", tags=["probes"], summary="Prometheus metrics (needs the token unless --public-metrics)",
+        response_class=Response, responses={200: PROMETHEUS, **error_responses(401, 500)},
+    )  # fmt: skip
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def _add_docs(app: FastAPI, settings: Settings) -> None:
+    """``/docs``: Swagger UI from the assets the fastapi-offline package ships (works offline),
+    its *Authorize* button set up for the bearer scheme; the schema declares that scheme."""
+    _add_bearer_scheme(app, settings)
+    if importlib.util.find_spec("fastapi_offline") is None:  # a partial install: the API still works
+        logger.warning("no /docs: the fastapi-offline package is missing (pip install 'ckptd[server]')")
+        return
+    assets = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="ckptd API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": True},
+        )
+
+
+def _add_bearer_scheme(app: FastAPI, settings: Settings) -> None:
+    """The schema declares the bearer scheme, required by every operation but the open ones."""
+    build = app.openapi
+    public = {"/healthz", "/metrics"} if settings.public_metrics else {"/healthz"}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "the daemon's token (--token-file); needed over TCP only",
+        }
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["security"] = [] if path in public else [{BEARER_SCHEME: []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

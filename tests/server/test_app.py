@@ -296,11 +296,17 @@ def test_auth_refuses(secured: TestClient, cache: FakeCache, headers: dict[str, 
 
 @pytest.mark.parametrize(
     ("method", "url"),
-    [("GET", "/v1/checkpoints"), ("GET", "/v1/stats"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-     ("GET", "/docs"), ("DELETE", "/v1/leases/L1"), ("POST", "/v1/leases/L1/renew"), ("GET", "/v1/nope")],
+    [("GET", "/v1/checkpoints"), ("GET", "/v1/stats"), ("GET", "/metrics"), ("GET", "/docs/../v1/stats"),
+     ("DELETE", "/v1/leases/L1"), ("POST", "/v1/leases/L1/renew"), ("GET", "/v1/nope"), ("GET", "/openapi.jsonx")],
 )
-def test_every_route_but_healthz_needs_the_token(secured: TestClient, method: str, url: str) -> None:
+def test_every_route_but_healthz_and_the_docs_needs_the_token(secured: TestClient, method: str, url: str) -> None:
     assert secured.request(method, url).status_code == 401
+
+
+@pytest.mark.parametrize("url", ["/openapi.json", "/docs", "/docs/static/swagger-ui.css"])
+def test_the_schema_and_docs_need_no_token(secured: TestClient, url: str) -> None:
+    """A browser opens /docs (no header to send); the schema is not secret."""
+    assert secured.get(url).status_code == 200
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
