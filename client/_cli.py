@@ -243,14 +243,19 @@ def progress_bar(total: int, enabled: bool) -> Iterator[Progress | None]:
 def load_summary(file: str, nbytes: int, seconds: float, obj: Any) -> dict[str, Any]:
     """What ``ckptd load`` reports: bytes, elapsed seconds, throughput, tensors loaded.
 
+    ``nbytes`` is what was read; with nothing read (``--map-location meta``) there is no
+    throughput to report (``gb_per_s`` is None).
+
     >>> load_summary("x.pt", 2_000_000_000, 1.0, {})["gb_per_s"]
     2.0
+    >>> load_summary("x.pt", 0, 0.01, {})["gb_per_s"] is None
+    True
     """
     return {
         "file": file,
         "bytes": nbytes,
         "seconds": seconds,
-        "gb_per_s": nbytes / seconds / 1e9 if seconds > 0 else 0.0,
+        "gb_per_s": nbytes / seconds / 1e9 if seconds > 0 and nbytes > 0 else None,
         "tensors": _count_tensors(obj),
     }
 
@@ -273,7 +278,7 @@ def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     if args.url or args.transport:
         return _load_through_daemon(args, out)
     layout = ckptd.inspect(args.file)
-    nbytes = bytes_to_read(layout, args.select)
+    nbytes = 0 if _to_meta(args.map_location) else bytes_to_read(layout, args.select)
     with progress_bar(nbytes, _want_progress(args, nbytes)) as progress:
         start = time.perf_counter()
         obj = ckptd.load(
@@ -334,12 +339,27 @@ def storage_bytes(obj: Any) -> int:
 _TRANSPORT_WORDS = {"shm": "mapped from the daemon's shared memory", "http": "streamed from the daemon over HTTP"}
 
 
+def _to_meta(map_location: str | dict[str, str] | None) -> bool:
+    """Whether every storage lands on ``meta`` (no byte of the file is read)."""
+    if isinstance(map_location, dict):
+        return bool(map_location) and all(target == "meta" for target in map_location.values())
+    return map_location == "meta"
+
+
 def _render_load(summary: dict[str, Any]) -> str:
-    line = (
-        f"loaded {summary['file']}: {summary['tensors']} tensor{'' if summary['tensors'] == 1 else 's'}, "
-        f"{summary['bytes']} bytes ({human_bytes(summary['bytes'])}) "
-        f"in {summary['seconds']:.3f} s ({summary['gb_per_s']:.2f} GB/s)"
-    )
+    """The line ``ckptd load`` prints.
+
+    >>> _render_load({"file": "m.pt", "tensors": 2, "bytes": 0, "seconds": 0.004, "gb_per_s": None})
+    'loaded m.pt: 2 tensors, no bytes read, in 0.004 s'
+    """
+    head = f"loaded {summary['file']}: {summary['tensors']} tensor{'' if summary['tensors'] == 1 else 's'}, "
+    if summary["gb_per_s"] is None:
+        line = f"{head}no bytes read, in {summary['seconds']:.3f} s"
+    else:
+        line = (
+            f"{head}{summary['bytes']} bytes ({human_bytes(summary['bytes'])}) "
+            f"in {summary['seconds']:.3f} s ({summary['gb_per_s']:.2f} GB/s)"
+        )
     transport = summary.get("transport")
     return f"{line}, {_TRANSPORT_WORDS.get(transport, transport)}" if transport else line
 
@@ -363,17 +383,30 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=numeric, stream=sys.stderr, format="ckptd: %(levelname)s %(name)s: %(message)s")
 
 
+def _server_api() -> Any:
+    """``ckptd.server``, imported only when serving; without the ``server`` extra, a
+    :class:`ckptd.UsageError` that says what to install."""
+    try:
+        return importlib.import_module("ckptd.server")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "ckptd":
+            raise
+        raise ckptd.UsageError(
+            f"`ckptd serve` needs the daemon's dependencies, and {exc.name} is not installed: "
+            "pip install 'ckptd[server]'"
+        ) from exc
+
+
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     """``ckptd serve --socket PATH --root DIR ...``: run the daemon until SIGTERM/SIGINT."""
-    from ckptd.server import Server, flags_of, load_settings  # the daemon's stack only when serving
-
-    settings = load_settings(**flags_of(args))
+    server_api = _server_api()  # the daemon's stack only when serving
+    settings = server_api.load_settings(**server_api.flags_of(args))
     _configure_logging(settings.log_level)
 
     def announce(urls: list[str]) -> None:
         print(ready_line(urls), file=out, flush=True)
 
-    Server(settings, on_ready=announce).serve()
+    server_api.Server(settings, on_ready=announce).serve()
     _exit_now(0)
     return 0  # not reached
 
@@ -473,16 +506,28 @@ def _stat_value(key: str, value: Any) -> str:
 
 
 def render_info(verb: str, info: dict[str, Any]) -> str:
-    """One line about a checkpoint ``ckptd prefetch`` or ``ckptd evict`` acted on.
+    """One line about a checkpoint ``ckptd prefetch`` acted on.
 
-    >>> render_info("evicted", {"id": "ab12", "path": "/m/a.pt", "resident_bytes": {"cpu": 1024},
-    ...                         "storages_resident": 2, "storages_total": 2})
-    'evicted /m/a.pt (id ab12): 1.0 KiB resident, 2/2 storages'
+    >>> render_info("prefetched", {"id": "ab12", "path": "/m/a.pt", "resident_bytes": {"cpu": 1024},
+    ...                            "storages_resident": 2, "storages_total": 2})
+    'prefetched /m/a.pt (id ab12): 1.0 KiB resident, 2/2 storages'
     """
     return (
         f"{verb} {info.get('path')} (id {info.get('id')}): "
         f"{resident_text(dict(info.get('resident_bytes') or {}))} resident, "
         f"{info.get('storages_resident', 0)}/{info.get('storages_total', 0)} storages"
+    )
+
+
+def render_evicted(info: dict[str, Any]) -> str:
+    """The line ``ckptd evict`` prints: what the eviction freed (not what is left: nothing).
+
+    >>> render_evicted({"id": "ab12", "path": "/m/a.pt", "freed_bytes": {"cpu": 1024}, "storages_total": 2})
+    'evicted /m/a.pt (id ab12): freed 1.0 KiB, 2 storages'
+    """
+    return (
+        f"evicted {info.get('path')} (id {info.get('id')}): "
+        f"freed {resident_text(dict(info.get('freed_bytes') or {}))}, {info.get('storages_total', 0)} storages"
     )
 
 
@@ -537,7 +582,7 @@ def cmd_evict(args: argparse.Namespace, out: TextIO) -> int:
     """``ckptd evict ID|PATH``: drop a checkpoint no lease holds."""
     with _client(args) as client:
         info = client.evict(args.ident)
-    return _emit(args, out, info, render_info("evicted", info))
+    return _emit(args, out, info, render_evicted(info))
 
 
 # ---------------------------------------------------------------------------------------

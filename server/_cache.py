@@ -104,6 +104,7 @@ class CheckpointInfo:
     hits: int
     misses: int
     last_used: float
+    freed_bytes: dict[str, int] = field(default_factory=dict)  # what the eviction that returned this freed
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -221,7 +222,8 @@ class Cache:
         return [self._info(entry) for entry in entries]
 
     def evict(self, ident: str) -> CheckpointInfo:
-        """Drop a checkpoint (by id or path) that no lease holds."""
+        """Drop a checkpoint (by id or path) that no lease holds: its info after the eviction
+        (nothing resident), with ``freed_bytes`` what was resident before, per device."""
         _check_path(ident)
         with self._lock:
             entry = self._entries.get(ident) or self._entries.get(self._current.get(os.path.realpath(ident), ""))
@@ -234,7 +236,8 @@ class Cache:
             self._evictions += 1
         if self._metrics:
             self._metrics.evicted()
-        return info
+        gone = {device: 0 for device in info.resident_bytes}
+        return replace(info, resident_bytes=gone, storages_resident=0, freed_bytes=dict(info.resident_bytes))
 
     def renew(self, lease: str) -> float:
         """Extend a lease; :class:`LeaseLostError` if it is gone."""

@@ -479,12 +479,36 @@ def settings_table() -> list[str]:
 
 
 def _describe(exc: ValidationError) -> str:
-    """A validation error as ``field: problem; field: problem``."""
+    """A validation error as ``field: problem; field: problem``, in ckptd's words.
+
+    >>> try:
+    ...     Settings(socket="/tmp/ckdoc/d.sock")
+    ... except ValidationError as exc:
+    ...     print(_describe(exc))
+    roots: required (--root DIR, or CKPTD_ROOTS=dir1:dir2)
+    """
     parts = []
     for error in exc.errors(include_url=False):
         where = ".".join(str(part) for part in error["loc"])
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "not a setting"
+        elif error["type"] == "missing":
+            message = f"required ({_how_to_set(where)})"
+        elif error["type"] in _PARSE_ERRORS:
+            message = f"{error.get('input')!r} is not {_PARSE_ERRORS[error['type']]}"
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+_HOW_TO_SET = {"roots": "--root DIR, or CKPTD_ROOTS=dir1:dir2"}
+
+
+def _how_to_set(field: str) -> str:
+    flag = "--" + field.replace("_", "-")
+    return _HOW_TO_SET.get(field, f"{flag}, or {ENV_PREFIX}{field.upper()}")
+_PARSE_ERRORS = {
+    "int_parsing": "a whole number",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -192,6 +193,16 @@ def test_load_options(zip_ckpt: pathlib.Path, capsys) -> None:
         assert out.startswith("loaded ")
 
 
+def test_load_to_meta_reports_no_throughput(zip_ckpt: pathlib.Path, capsys) -> None:
+    """Nothing is read for meta tensors: no bytes, no GB/s (a figure would be meaningless)."""
+    code, out, err = _run(capsys, "load", str(zip_ckpt), "--map-location", "meta")
+    assert (code, err) == (0, "")
+    assert "GB/s" not in out and "no bytes read" in out
+    code, out, _ = _run(capsys, "load", str(zip_ckpt), "--map-location", "meta", "--json")
+    report = json.loads(out)
+    assert report["bytes"] == 0 and report["gb_per_s"] is None and report["tensors"] == len(_state())
+
+
 def test_load_forced_progress_bar(zip_ckpt: pathlib.Path, capsys) -> None:
     code, _, err = _run(capsys, "load", str(zip_ckpt), "--progress")
     assert code == 0 and "reading" in err and "100%" in err
@@ -275,3 +286,26 @@ def test_python_dash_m(zip_ckpt: pathlib.Path) -> None:
         [sys.executable, "-m", "ckptd", "inspect", str(zip_ckpt) + ".missing"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1 and result.stderr.startswith("ckptd: error: ") and "Traceback" not in result.stderr
+
+
+def test_serve_without_the_server_extra_says_what_to_install(tmp_path: pathlib.Path) -> None:
+    """No raw ModuleNotFoundError traceback: one line naming the extra."""
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"  # as if the [server] extra were not installed
+        "from ckptd._cli import main\n"
+        f"sys.exit(main(['serve', '--root', {str(tmp_path)!r}, '--socket', '/tmp/ckcli-none/d.sock']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (
+        "ckptd: error: `ckptd serve` needs the daemon's dependencies, and fastapi is not installed: "
+        "pip install 'ckptd[server]'"
+    )
+
+
+def test_serve_without_a_root_says_how_to_give_one(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    for key in [k for k in os.environ if k.startswith("CKPTD_")]:
+        monkeypatch.delenv(key)
+    code, out, err = _run(capsys, "serve", "--socket", "/tmp/ckcli-none/d.sock")
+    assert code == 1 and out == ""
+    assert err.strip() == "ckptd: error: invalid settings: roots: required (--root DIR, or CKPTD_ROOTS=dir1:dir2)"

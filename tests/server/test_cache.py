@@ -155,7 +155,12 @@ def test_evict_refuses_leased_and_frees_unleased(tmp_path: Path) -> None:
     with pytest.raises(ckptd.CheckpointBusyError):
         cache.evict(manifest.checkpoint)
     cache.release(manifest.lease)
-    assert cache.evict(str(tmp_path / "m.pt")).id == manifest.checkpoint
+    resident = cache.checkpoints()[0].resident_bytes
+    evicted = cache.evict(str(tmp_path / "m.pt"))
+    assert evicted.id == manifest.checkpoint
+    # what was freed, not what is still resident (nothing)
+    assert evicted.freed_bytes == resident == {"cpu": sum(arena.nbytes for arena in manifest.arenas)}
+    assert evicted.resident_bytes == {"cpu": 0} and evicted.storages_resident == 0
     assert cache.checkpoints() == [] and not os.path.exists(manifest.arenas[0].path)
     with pytest.raises(ckptd.CheckpointNotFoundError):
         cache.evict(manifest.checkpoint)

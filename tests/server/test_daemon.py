@@ -367,6 +367,20 @@ def test_cli_ls(daemon: Daemon, client: ckptd.Client) -> None:
     assert os.path.realpath(path) in out.stdout
 
 
+def test_cli_evict_reports_what_it_freed(daemon: Daemon, client: ckptd.Client) -> None:
+    from ckptd._cli import human_bytes
+
+    path = _checkpoint(daemon.root, "evicted.pt")
+    client.prefetch(path)
+    resident = cached_entry(client, path)["resident_bytes"]["cpu"]
+    assert resident > 0
+    out = subprocess.run([sys.executable, "-m", "ckptd", "evict", str(path), "--url", daemon.url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"freed {human_bytes(resident)}" in out.stdout and "resident" not in out.stdout
+    assert all(os.path.realpath(c["path"]) != os.path.realpath(path) for c in client.checkpoints())
+
+
 def test_cli_health(daemon: Daemon, tmp_path: Path) -> None:
     """The probe command of the Docker HEALTHCHECK and the Kubernetes probes."""
     ok = subprocess.run([sys.executable, "-m", "ckptd", "health", "--url", daemon.url], capture_output=True, text=True, timeout=60)
