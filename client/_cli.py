@@ -23,6 +23,7 @@ ckptd ...
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -378,9 +379,6 @@ def ready_line(urls: Sequence[str]) -> str:
     return "ckptd: serving on " + " and ".join(urls)
 
 
-def _configure_logging(level: str) -> None:
-    numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="ckptd: %(levelname)s %(name)s: %(message)s")
 
 
 def _server_api() -> Any:
@@ -401,7 +399,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     """``ckptd serve --socket PATH --root DIR ...``: run the daemon until SIGTERM/SIGINT."""
     server_api = _server_api()  # the daemon's stack only when serving
     settings = server_api.load_settings(**server_api.flags_of(args))
-    _configure_logging(settings.log_level)
+    server_api.configure_logging(settings.log_level, settings.log_format)
 
     def announce(urls: list[str]) -> None:
         print(ready_line(urls), file=out, flush=True)

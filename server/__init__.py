@@ -16,6 +16,9 @@ is the README's table. :class:`Server` binds the sockets and runs the app that
 
 from ._app import create_app
 from ._config import Settings, add_arguments, flags_of, load_settings, settings_table
+from ._logging import configure_logging
 from ._server import Server
 
-__all__ = ["Server", "Settings", "add_arguments", "create_app", "flags_of", "load_settings", "settings_table"]
+__all__ = [
+    "Server", "Settings", "add_arguments", "configure_logging", "create_app", "flags_of", "load_settings", "settings_table",
+]

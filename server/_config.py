@@ -210,6 +210,10 @@ class Settings(BaseSettings):
                                        default_text="64", default=64, ge=1)  # fmt: skip
     log_level: str = setting(f"log level: {', '.join(LOG_LEVELS)}", metavar="LEVEL", default_text="`info`",
                              default="info")  # fmt: skip
+    log_format: Literal["text", "json"] = setting(
+        "log format, for ckptd's records and uvicorn's alike: `text` (timestamped lines) or `json` (one object a line)",
+        default_text="`text`", default="text",
+    )
 
     @field_validator("socket")
     @classmethod

@@ -13,7 +13,6 @@ requests in flight finish, every arena is freed and the socket removed.
 
 from __future__ import annotations
 
-import copy
 import errno
 import importlib.util
 import logging
@@ -29,7 +28,6 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
 from ckptd import DaemonError, UsageError
 from ckptd.gpu import CudaDevices, Devices, SimulatedDevices
@@ -178,12 +176,10 @@ class Server:
     # --- running ----------------------------------------------------------------------
 
     def _uvicorn_config(self) -> uvicorn.Config:
-        log_config = copy.deepcopy(LOGGING_CONFIG)
-        log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is the CLI's
         return uvicorn.Config(
             self.app,
             log_level=self.settings.log_level,
-            log_config=log_config,
+            log_config=None,  # uvicorn's records go to ckptd's handler: one format (configure_logging)
             lifespan="off",
             backlog=BACKLOG,
             http=guarded_protocol(self.settings.request_timeout, self.settings.max_tcp_connections),

@@ -414,7 +414,7 @@ def test_every_setting_has_a_flag_that_sets_it(root: Path, tmp_path: Path) -> No
         "--devices", "simulated", "--simulated-gpus", "2", "--gds", "--gpu-sharing", "vmm",
         "--gpu-budget", "cuda:0=1G", "--host-tier-budget", "3GiB", "--shm-dir", str(root), "--lease-ttl", "4",
         "--max-body-bytes", "2MiB", "--request-timeout", "3", "--keep-alive-timeout", "2",
-        "--max-tcp-connections", "9", "--log-level", "debug",
+        "--max-tcp-connections", "9", "--log-level", "debug", "--log-format", "json",
     ]  # fmt: skip
     flags = flags_of(build_parser().parse_args(argv))
     assert set(flags) == set(Settings.model_fields)
@@ -424,7 +424,7 @@ def test_every_setting_has_a_flag_that_sets_it(root: Path, tmp_path: Path) -> No
     assert (s.allow_insecure_tcp, s.public_metrics, s.gds) == (True, True, True)
     assert (s.host_budget, s.host_tier_budget, s.gpu_budget) == (2 << 30, 3 << 30, {"cuda:0": 10**9})
     assert (s.devices, s.simulated_gpus, s.gpu_sharing, s.shm_dir) == ("simulated", 2, "vmm", root.resolve())
-    assert (s.lease_ttl, s.max_body_bytes, s.log_level) == (4.0, 2 << 20, "debug")
+    assert (s.lease_ttl, s.max_body_bytes, s.log_level, s.log_format) == (4.0, 2 << 20, "debug", "json")
     assert (s.request_timeout, s.keep_alive_timeout, s.max_tcp_connections) == (3.0, 2.0, 9)
 
 
@@ -475,3 +475,11 @@ def test_client_and_daemon_refuse_the_same_sizes(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
 
+
+
+def test_log_format(root: Path, clean_env: pytest.MonkeyPatch) -> None:
+    assert _settings(root).log_format == "text"
+    clean_env.setenv("CKPTD_LOG_FORMAT", "json")
+    assert _settings(root).log_format == "json"
+    with pytest.raises(UsageError, match="log_format"):
+        _settings(root, log_format="xml")
