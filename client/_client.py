@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from ckptd.formats import FileLike, Format, ShardedIndex, is_sharded_index
+from ckptd.formats import FileLike, Format, ShardedIndex, checkpoint_in_directory, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
 from ._connection import Connection, transport_for
@@ -111,6 +111,8 @@ class Client(Connection):
         check_daemon_load(request)
         if tensor_name is not None and select is not None:  # refused before the daemon grants any lease
             raise UsageError("pass either tensor_name= or select=, not both")
+        if isinstance(f, (str, os.PathLike)):
+            f = checkpoint_in_directory(os.fspath(f))  # a Hugging Face model directory loads like its file
         if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
             return self._load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix,
                                       select, pickle_load_args)

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from ckptd.formats import is_sharded_index, read_sharded_index
+from ckptd.formats import checkpoint_in_directory, is_sharded_index, read_sharded_index
 
 from ._exceptions import UsageError
 from ._settings import settings
@@ -47,7 +47,8 @@ class Connection:
 
     def prefetch(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Make a checkpoint resident in the daemon with no client attached (every shard of
-        a ``*.index.json``, summed into one answer)."""
+        a ``*.index.json``, summed into one answer; a model directory's checkpoint)."""
+        path = checkpoint_in_directory(path)
         if is_sharded_index(os.fspath(path)):
             shards = read_sharded_index(os.fspath(path)).shards
             return _summed(os.path.abspath(os.fspath(path)), [self.prefetch(shard) for shard in shards])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ckptd.formats import FileLike, Format, Layout, TensorEntry, open_source, read_layout, read_sharded_index
-from ckptd.formats import is_sharded_index
+from ckptd.formats import checkpoint_in_directory, is_sharded_index
 
 
 def inspect(f: FileLike) -> Layout:
@@ -19,6 +19,8 @@ def inspect(f: FileLike) -> Layout:
     >>> [(t.name, t.shape) for t in ckptd.inspect(buf.getvalue()).tensors]
     [('w', (2, 2))]
     """
+    if isinstance(f, (str, os.PathLike)):
+        f = checkpoint_in_directory(os.fspath(f))  # a Hugging Face model directory: its checkpoint
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _inspect_sharded(os.fspath(f))
     with open_source(f) as source:

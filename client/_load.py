@@ -32,6 +32,7 @@ from ckptd.formats import (
     ShardedIndex,
     Source,
     TensorEntry,
+    checkpoint_in_directory,
     default_load_byteorder,
     is_sharded_index,
     no_gc,
@@ -90,6 +91,7 @@ def load(
     >>> load(buf.getvalue())
     {'w': tensor([1., 1.])}
     """
+    f = checkpoint_in_directory(f)  # a Hugging Face model directory loads like its file
     request = make_request(map_location, pickle_module, weights_only, mmap, progress, pickle_load_args)
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _load_sharded(os.fspath(f), request, tensor_name, prefix, select)

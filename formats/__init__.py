@@ -48,7 +48,7 @@ from ._errors import (
     TensorNotFoundError,
     UnsupportedFormatError,
 )
-from ._sharded import ShardedIndex, is_sharded_index, read_sharded_index
+from ._sharded import HF_CHECKPOINT_FILES, ShardedIndex, checkpoint_in_directory, is_sharded_index, read_sharded_index
 from ._source import FileLike, FileSource, Source, open_source
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ __all__ = [
     "FileSource",
     "Format",
     "Global",
+    "HF_CHECKPOINT_FILES",
     "Layout",
     "NotFileLikeError",
     "NotSeekableError",
@@ -97,6 +98,7 @@ __all__ = [
     "TensorEntry",
     "TensorNotFoundError",
     "UnsupportedFormatError",
+    "checkpoint_in_directory",
     "default_load_byteorder",
     "inflate_storage",
     "is_sharded_index",

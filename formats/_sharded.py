@@ -16,9 +16,16 @@ from typing import Any
 
 from ._errors import CheckpointError, CheckpointNotFoundError
 
-__all__ = ["ShardedIndex", "read_sharded_index", "is_sharded_index"]
+__all__ = ["ShardedIndex", "read_sharded_index", "is_sharded_index", "checkpoint_in_directory", "HF_CHECKPOINT_FILES"]
 
 INDEX_SUFFIX = ".index.json"
+# What a Hugging Face model directory holds its weights in, in transformers' order of preference.
+HF_CHECKPOINT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Real indexes are a few MB even for the largest models; more is garbage or an attack.
 MAX_INDEX_SIZE = 100_000_000
 
@@ -45,6 +52,29 @@ def is_sharded_index(path: str | os.PathLike[str]) -> bool:
     (True, False)
     """
     return os.fspath(path).endswith(INDEX_SUFFIX)
+
+
+def checkpoint_in_directory(path: str) -> str:
+    """``path`` itself, or for a directory the Hugging Face checkpoint file in it (one of
+    :data:`HF_CHECKPOINT_FILES`, in that order), so a model directory loads like its file.
+
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "pytorch_model.bin").write_bytes(b"")
+    >>> checkpoint_in_directory(str(folder)) == str(folder / "pytorch_model.bin")
+    True
+    >>> checkpoint_in_directory("model.pt")
+    'model.pt'
+    """
+    if not os.path.isdir(path):
+        return path
+    for filename in HF_CHECKPOINT_FILES:
+        candidate = os.path.join(path, filename)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CheckpointNotFoundError(
+        path, f"is a directory without a Hugging Face checkpoint (none of {', '.join(HF_CHECKPOINT_FILES)})"
+    )
 
 
 def read_sharded_index(path: str | os.PathLike[str]) -> ShardedIndex:

@@ -45,6 +45,7 @@ from ckptd.formats import (
     Format,
     Layout,
     ShardedIndex,
+    checkpoint_in_directory,
     is_sharded_index,
     open_source,
     read_layout,
@@ -367,10 +368,9 @@ class Cache:
     def _resolve(self, path: str) -> tuple[str, Identity]:
         """The real path (symlinks and ``..`` resolved), checked against the roots, and its identity."""
         _check_path(path)
-        real = os.path.realpath(path)
-        if not any(Path(real).is_relative_to(root) for root in self._roots):
-            roots = ", ".join(map(str, self._roots))
-            raise PathNotAllowedError(f"{path} resolves to {real}, outside the daemon's roots ({roots})")
+        real = self._inside_roots(path, os.path.realpath(path))
+        if os.path.isdir(real):  # a Hugging Face model directory: its checkpoint file, checked again
+            real = self._inside_roots(path, os.path.realpath(checkpoint_in_directory(real)))
         if is_sharded_index(real):
             raise UnsupportedFormatError(real, "sharded checkpoints go through the daemon shard by shard")
         try:
@@ -382,6 +382,12 @@ class Cache:
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(path, "is not a regular file")
         return real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _inside_roots(self, path: str, real: str) -> str:
+        if not any(Path(real).is_relative_to(root) for root in self._roots):
+            roots = ", ".join(map(str, self._roots))
+            raise PathNotAllowedError(f"{path} resolves to {real}, outside the daemon's roots ({roots})")
+        return real
 
     def _layout(self, entry: _Entry) -> Layout:
         if entry.layout is None:

@@ -281,3 +281,23 @@ def test_memory_clients_with_lapsed_leases_may_map_stays_counted(tmp_path: Path)
     cache.release(lease)  # the client woke up and let go
     assert cache.stats()["unreclaimed_bytes"] == 0
     assert cache.load(str(tmp_path / "b.pt")).arenas
+
+
+def test_a_model_directory_is_its_checkpoint_and_stays_inside_the_roots(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "model").mkdir(parents=True)
+    outside.mkdir()
+    sd = _save(root / "model" / "pytorch_model.bin", 1)
+    cache = Cache(_settings(root), None)
+    manifest = cache.load(str(root / "model"))
+    assert manifest.path == os.path.realpath(root / "model" / "pytorch_model.bin")
+    assert [t.name for t in manifest.layout.tensors] == list(sd)
+    cache.release(manifest.lease)
+    (root / "escape").mkdir()
+    _save(outside / "pytorch_model.bin", 1)
+    (root / "escape" / "pytorch_model.bin").symlink_to(outside / "pytorch_model.bin")
+    with pytest.raises(ckptd.PathNotAllowedError, match="outside the daemon's roots"):
+        cache.load(str(root / "escape"))
+    (root / "empty").mkdir()
+    with pytest.raises(ckptd.CheckpointNotFoundError, match="without a Hugging Face checkpoint"):
+        cache.load(str(root / "empty"))

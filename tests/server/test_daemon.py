@@ -597,3 +597,20 @@ def test_session_watch_reopens_after_a_daemon_restart(tmp_path: Path) -> None:
         if second is not None:
             _stop(second)
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_hugging_face_directory_through_the_daemon(daemon: Daemon, client: ckptd.Client) -> None:
+    """A model directory loads like its file: the client resolves it (shards and all); the
+    daemon resolves it too, for clients in other languages that send the directory."""
+    from safetensors.torch import load_file, save_file
+
+    folder = daemon.root / "hf-model"
+    folder.mkdir()
+    state = {"model.embed.weight": torch.randn(6, 4), "lm_head.weight": torch.randn(4, 6)}
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    assert_same(load_file(folder / "model.safetensors"), client.load(folder))
+    body = client._request("POST", "/v1/load", json={"path": str(folder)})  # what a non-Python client sends
+    assert os.path.realpath(body["path"]) == os.path.realpath(folder / "model.safetensors")
+    client._release(body["lease"])
+    assert client.prefetch(folder)["path"] == cached_entry(client, folder / "model.safetensors")["path"]
