@@ -49,6 +49,7 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _HEADERS = ("NAME", "DTYPE", "SHAPE", "BYTES", "LOCATION")
 
 Progress = Callable[[int], None]
+HEALTH_POLL_S = 0.1  # `ckptd health --wait`: how often to ask a daemon that is starting
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,9 +564,18 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
-    """``ckptd health``: exit 0 when the daemon answers ``/healthz`` (container and pod probes)."""
+    """``ckptd health``: exit 0 when the daemon answers ``/healthz`` (container and pod probes);
+    ``--wait S`` keeps asking for up to S seconds (a script that has just started the daemon)."""
+    deadline = time.monotonic() + (args.wait or 0.0)
     with _client(args) as client:
-        health = client.health()
+        while True:
+            try:
+                health = client.health()
+                break
+            except ckptd.DaemonNotRunningError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(HEALTH_POLL_S)
     return _emit(args, out, health, f"ckptd at {client.url}: {health.get('status', '?')}")
 
 
@@ -661,6 +671,8 @@ def _add_admin(commands: Any) -> None:
             sub.add_argument("file", metavar="PATH", help="checkpoint path (under one of the daemon's roots)")
         if name == "evict":
             sub.add_argument("ident", metavar="ID|PATH", help="checkpoint id (see `ckptd ls`) or path")
+        if name == "health":
+            sub.add_argument("--wait", type=float, metavar="S", help="keep asking for up to S seconds (default: ask once)")
         sub.add_argument("--url", help="daemon URL: unix:///path.sock or http://host:port (default: $CKPTD_URL)")
         sub.add_argument("--token-file", metavar="F", help="file holding the daemon's token (default: $CKPTD_TOKEN)")
         sub.add_argument("--json", action="store_true", help="print JSON")
