@@ -309,3 +309,14 @@ def test_serve_without_a_root_says_how_to_give_one(tmp_path: pathlib.Path, monke
     code, out, err = _run(capsys, "serve", "--socket", "/tmp/ckcli-none/d.sock")
     assert code == 1 and out == ""
     assert err.strip() == "ckptd: error: invalid settings: roots: required (--root DIR, or CKPTD_ROOTS=dir1:dir2)"
+
+
+# httpcore leaks the socket of a refused Unix connection (see tests/server/test_daemon.py).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_health_wait_gives_up_after_its_time(capsys) -> None:
+    import time
+
+    started = time.monotonic()
+    code, out, err = _run(capsys, "health", "--wait", "0.5", "--url", "unix:///tmp/ckcli-none/d.sock")
+    assert code == 1 and out == "" and "no ckptd daemon answers" in err
+    assert time.monotonic() - started >= 0.5  # it kept asking, then gave the daemon's error
