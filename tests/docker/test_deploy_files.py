@@ -11,8 +11,12 @@ quota admission) are checked here one by one.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -324,7 +328,7 @@ def test_daemon_memory_is_guaranteed_and_holds_its_budgets(monkeypatch: pytest.M
         assert resources["requests"] == resources["limits"], container["name"]
     (daemon,) = spec["containers"]
     env = {e["name"]: e["value"] for e in daemon["env"]}
-    for key in [k for k in __import__("os").environ if k.startswith("CKPTD_")]:
+    for key in [k for k in os.environ if k.startswith("CKPTD_")]:
         monkeypatch.delenv(key)
     settings = load_settings(
         roots=[tmp_path], shm_dir=tmp_path, socket="/tmp/ckdeploy/d.sock",
@@ -409,3 +413,40 @@ def test_readme_creates_the_namespace_before_the_secret() -> None:
     namespace = text.index("kubectl apply -f docker/k8s/namespace.yaml")
     assert namespace < text.index("kubectl -n ckptd create secret") < text.index("kubectl apply -k docker/k8s")
     assert "kustomize edit set image ckptd=" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs the step as root, as compose does")
+def test_compose_prepare_script_hands_the_folders_to_the_user() -> None:
+    """The prepare step's own shell, run here as root (as compose runs it) on stand-in
+    folders: docker's freshly made (root-owned, empty) checkpoints folder and the socket
+    volume end up the user's, and the demo checkpoint is written as the user, once.
+    (Only the payload differs: a stand-in for `python /examples/worker.py save`.)"""
+    _, _, _, prepare = _compose_parts()
+    base = Path(tempfile.mkdtemp(prefix="ckprep", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        run, checkpoints = base / "run", base / "checkpoints"
+        checkpoints.mkdir()  # as docker creates a missing bind source: root's, empty
+        script = (
+            prepare["entrypoint"][-1].replace("$$", "$")
+            .replace("/run/ckptd", str(run)).replace("/checkpoints", str(checkpoints))
+            .replace("python /examples/worker.py save", "sh -c 'echo demo > \"$1\"' -")
+        )  # fmt: skip
+        env = {"PATH": os.environ["PATH"], "CKPTD_UID": "10001", "CKPTD_GID": "10002"}
+        for _ in range(2):  # a second `up` changes nothing
+            done = subprocess.run(["sh", "-euc", script], env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            for path, mode in ((run, 0o700), (checkpoints, 0o755), (checkpoints / "tinylm.pt", None)):
+                st = path.stat()
+                assert (st.st_uid, st.st_gid) == (10001, 10002), path
+                assert mode is None or st.st_mode & 0o777 == mode, path
+        assert (checkpoints / "tinylm.pt").read_text() == "demo\n"
+
+        mine = base / "mine"  # the user's own folder, not empty: never chowned
+        mine.mkdir()
+        (mine / "tinylm.pt").write_text("mine")
+        script = script.replace(str(checkpoints), str(mine))
+        assert subprocess.run(["sh", "-euc", script], env=env, timeout=60).returncode == 0
+        assert mine.stat().st_uid == 0 and (mine / "tinylm.pt").read_text() == "mine"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
