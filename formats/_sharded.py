@@ -57,6 +57,7 @@ def is_sharded_index(path: str | os.PathLike[str]) -> bool:
 def checkpoint_in_directory(path: str) -> str:
     """``path`` itself, or for a directory the Hugging Face checkpoint file in it (one of
     :data:`HF_CHECKPOINT_FILES`, in that order), so a model directory loads like its file.
+    Any other directory is returned as it is: opening it fails as torch.load's does.
 
     >>> import pathlib, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -72,9 +73,7 @@ def checkpoint_in_directory(path: str) -> str:
         candidate = os.path.join(path, filename)
         if os.path.isfile(candidate):
             return candidate
-    raise CheckpointNotFoundError(
-        path, f"is a directory without a Hugging Face checkpoint (none of {', '.join(HF_CHECKPOINT_FILES)})"
-    )
+    return path
 
 
 def read_sharded_index(path: str | os.PathLike[str]) -> ShardedIndex:

@@ -26,6 +26,13 @@ _NOT_SEEKABLE = (
 )
 
 
+# A directory that is not a Hugging Face model directory (see checkpoint_in_directory).
+_DIRECTORY = (
+    "is a directory, not a checkpoint file (nor a Hugging Face model directory: "
+    "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)"
+)
+
+
 class Source:
     """A readable, sized byte source. Use :func:`open_source`; close it (or use ``with``)."""
 
@@ -178,12 +185,12 @@ def open_source(f: FileLike) -> Source:
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(path, "no such file") from exc
         except IsADirectoryError as exc:
-            raise CheckpointError(path, "is a directory, not a checkpoint file") from exc
+            raise CheckpointError(path, _DIRECTORY) from exc
         except OSError as exc:
             raise CheckpointError(path, f"cannot open: {exc.strerror}") from exc
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.close(fd)
-            raise CheckpointError(path, "is a directory, not a checkpoint file")
+            raise CheckpointError(path, _DIRECTORY)
         return FileSource(fd, path, owned=True, path=os.path.realpath(path))
     if isinstance(f, (bytes, bytearray, memoryview)):
         return BufferSource(f, "<bytes>")

@@ -59,7 +59,10 @@ def test_safetensors_is_preferred_as_transformers_does(tmp_path: Path) -> None:
 
 
 def test_directory_without_a_checkpoint(tmp_path: Path) -> None:
+    """Fails as torch.load fails on a directory (not as a missing file), naming what was looked for."""
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ckptd.CheckpointNotFoundError, match="model.safetensors") as info:
+    with pytest.raises(IsADirectoryError):
+        torch.load(tmp_path)
+    with pytest.raises(ckptd.CheckpointError, match="Hugging Face model directory: no model.safetensors") as info:
         ckptd.load(tmp_path)
-    assert isinstance(info.value, FileNotFoundError) and str(tmp_path) in str(info.value)
+    assert not isinstance(info.value, FileNotFoundError) and str(tmp_path) in str(info.value)

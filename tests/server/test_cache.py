@@ -299,5 +299,5 @@ def test_a_model_directory_is_its_checkpoint_and_stays_inside_the_roots(tmp_path
     with pytest.raises(ckptd.PathNotAllowedError, match="outside the daemon's roots"):
         cache.load(str(root / "escape"))
     (root / "empty").mkdir()
-    with pytest.raises(ckptd.CheckpointNotFoundError, match="without a Hugging Face checkpoint"):
+    with pytest.raises(ckptd.CheckpointError, match="not a regular file"):
         cache.load(str(root / "empty"))
