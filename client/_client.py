@@ -111,8 +111,7 @@ class Client(Connection):
         check_daemon_load(request)
         if tensor_name is not None and select is not None:  # refused before the daemon grants any lease
             raise UsageError("pass either tensor_name= or select=, not both")
-        if isinstance(f, (str, os.PathLike)):
-            f = checkpoint_in_directory(os.fspath(f))  # a Hugging Face model directory loads like its file
+        f = checkpoint_in_directory(f)  # a Hugging Face model directory loads like its file
         if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
             return self._load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix,
                                       select, pickle_load_args)

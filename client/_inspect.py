@@ -19,8 +19,7 @@ def inspect(f: FileLike) -> Layout:
     >>> [(t.name, t.shape) for t in ckptd.inspect(buf.getvalue()).tensors]
     [('w', (2, 2))]
     """
-    if isinstance(f, (str, os.PathLike)):
-        f = checkpoint_in_directory(os.fspath(f))  # a Hugging Face model directory: its checkpoint
+    f = checkpoint_in_directory(f)  # a Hugging Face model directory: its checkpoint
     if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
         return _inspect_sharded(os.fspath(f))
     with open_source(f) as source:

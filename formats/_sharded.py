@@ -12,12 +12,13 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["ShardedIndex", "read_sharded_index", "is_sharded_index", "checkpoint_in_directory", "HF_CHECKPOINT_FILES"]
 
+_F = TypeVar("_F")
 INDEX_SUFFIX = ".index.json"
 # What a Hugging Face model directory holds its weights in, in transformers' order of preference.
 HF_CHECKPOINT_FILES = (
@@ -54,26 +55,26 @@ def is_sharded_index(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).endswith(INDEX_SUFFIX)
 
 
-def checkpoint_in_directory(path: str) -> str:
-    """``path`` itself, or for a directory the Hugging Face checkpoint file in it (one of
-    :data:`HF_CHECKPOINT_FILES`, in that order), so a model directory loads like its file.
-    Any other directory is returned as it is: opening it fails as torch.load's does.
+def checkpoint_in_directory(f: _F) -> _F | str:
+    """``f`` itself (the same object), or for a directory the Hugging Face checkpoint file in
+    it (one of :data:`HF_CHECKPOINT_FILES`, in that order), so a model directory loads like
+    its file. Any other directory is returned as it is: opening it fails as torch.load's does.
 
     >>> import pathlib, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> _ = (folder / "pytorch_model.bin").write_bytes(b"")
     >>> checkpoint_in_directory(str(folder)) == str(folder / "pytorch_model.bin")
     True
-    >>> checkpoint_in_directory("model.pt")
-    'model.pt'
+    >>> checkpoint_in_directory("model.pt"), checkpoint_in_directory(b"raw bytes")
+    ('model.pt', b'raw bytes')
     """
-    if not os.path.isdir(path):
-        return path
+    if not isinstance(f, (str, os.PathLike)) or not os.path.isdir(f):
+        return f
     for filename in HF_CHECKPOINT_FILES:
-        candidate = os.path.join(path, filename)
+        candidate = os.path.join(os.fspath(f), filename)
         if os.path.isfile(candidate):
             return candidate
-    return path
+    return f
 
 
 def read_sharded_index(path: str | os.PathLike[str]) -> ShardedIndex:

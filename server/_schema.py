@@ -73,6 +73,7 @@ class LayoutModel(_Answer):
     format: str
     size: int
     byteorder: str | None
+    byteorder_recorded: bool = Field(description="whether the file records its byte order (else the default applies)")
     pickle: str | None = Field(description="the checkpoint's data.pkl, base64")
     storages: list[list[str | int]]
     tensors: list[TensorModel]
