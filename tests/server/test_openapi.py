@@ -30,7 +30,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     token = base / "token"
     token.write_text(TOKEN)
     token.chmod(0o600)
-    yield from daemon_in(base, "--port", "0", "--token-file", str(token))
+    # leases outlive a slow test (no session renews them here); the last --lease-ttl wins
+    yield from daemon_in(base, "--port", "0", "--token-file", str(token), "--lease-ttl", "300")
 
 
 @pytest.fixture(scope="module")
