@@ -152,17 +152,26 @@ class HealthModel(_Answer):
     status: Literal["ok"]
 
 
+# What any route can answer, whatever it does: malformed HTTP and requests that do not
+# arrive whole in time (the server's limits, before any route runs).
+ANY_ROUTE = (400, 408)
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """FastAPI ``responses=`` documenting the error body for ``statuses``.
+    """FastAPI ``responses=`` documenting the error body for ``statuses`` (and :data:`ANY_ROUTE`).
 
     >>> sorted(error_responses(401, 422))
-    [401, 422]
+    [400, 401, 408, 422]
     """
-    return {status: {"model": ErrorResponse, "description": _ERROR_TEXT.get(status, "error")} for status in statuses}
+    return {
+        status: {"model": ErrorResponse, "description": _ERROR_TEXT.get(status, "error")}
+        for status in sorted({*statuses, *ANY_ROUTE})
+    }
 
 
 _ERROR_TEXT = {
-    400: "bad request (UsageError)",
+    400: "malformed HTTP (UsageError)",
+    408: "the request did not arrive whole within request_timeout (UsageError)",
     401: "missing or wrong bearer token over TCP (AuthenticationError)",
     403: "the path resolves outside the daemon's roots (PathNotAllowedError)",
     404: "no such checkpoint, tensor or route",
