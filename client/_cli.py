@@ -652,9 +652,7 @@ def _add_load(commands: Any) -> None:
 def _add_serve(commands: Any, *, flags: bool) -> None:
     sub = commands.add_parser("serve", help="run the daemon (flags override CKPTD_* variables)", add_help=flags)
     if flags:
-        from ckptd.server import add_arguments  # one flag per setting of the daemon's settings model
-
-        add_arguments(sub)
+        _server_api().add_arguments(sub)  # one flag per setting of the daemon's settings model
     sub.set_defaults(handler=cmd_serve)
 
 
@@ -692,7 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     1
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(serve=argv[:1] == ["serve"])  # no pydantic, no torch for the other commands
+    try:
+        parser = build_parser(serve=argv[:1] == ["serve"])  # no pydantic, no torch for the other commands
+    except ckptd.UsageError as exc:  # `serve` without the server extra
+        print(f"ckptd: error: {exc}", file=sys.stderr)
+        return 1
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

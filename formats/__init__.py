@@ -17,7 +17,8 @@ The public surface (``__all__``; everything else is private):
   storage references; :func:`storage_dtype` names a storage class's dtype; :func:`no_gc`
   pauses the collector while many records are built;
 * Hugging Face shard indexes: :func:`is_sharded_index`, :func:`read_sharded_index`,
-  :class:`ShardedIndex`;
+  :class:`ShardedIndex`; a model directory's checkpoint file, :func:`checkpoint_in_directory`
+  (the names it looks for, in order: :data:`HF_CHECKPOINT_FILES`);
 * the root of ckptd's exception tree, :class:`CkptdError`, and the reading errors
   (:class:`CheckpointError`, :class:`UnsupportedFormatError`,
   :class:`CheckpointNotFoundError`, :class:`NotFileLikeError`, :class:`NotSeekableError`,

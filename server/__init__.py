@@ -5,7 +5,8 @@ of CUDA. :class:`Settings` is the settings model: :func:`load_settings` builds i
 ``CKPTD_*`` variables > defaults) and it is passed explicitly; :func:`add_arguments` makes
 ``ckptd serve``'s flags from it and :func:`flags_of` reads them back; :func:`settings_table`
 is the README's table. :class:`Server` binds the sockets and runs the app that
-:func:`create_app` builds around the cache.
+:func:`create_app` builds around the cache; :func:`configure_logging` gives ckptd's and
+uvicorn's records one format (text or JSON).
 
 >>> import tempfile
 >>> from ckptd.server import Server, load_settings

@@ -234,7 +234,10 @@ THIRD_PARTY = {
     "ckptd.formats": set(),
     "ckptd.gpu": {"cupy", "kvikio"},  # only when CUDA devices are made
     "ckptd": {"tqdm", "httpx"},
-    "ckptd.server": {"fastapi", "starlette", "uvicorn", "h11", "pydantic", "pydantic_settings", "prometheus_client"},
+    "ckptd.server": {
+        "fastapi", "starlette", "uvicorn", "h11", "pydantic", "pydantic_settings", "prometheus_client",
+        "pythonjsonlogger",  # --log-format json
+    },
 }
 # Which other ckptd packages each may import (public names only).
 MAY_IMPORT = {
