@@ -74,6 +74,7 @@ class LayoutModel(_Answer):
     size: int
     byteorder: str | None
     byteorder_recorded: bool = Field(description="whether the file records its byte order (else the default applies)")
+    header: str | None = Field(default=None, description="a legacy file's header pickles, base64")
     pickle: str | None = Field(description="the checkpoint's data.pkl, base64")
     storages: list[list[str | int]]
     tensors: list[TensorModel]
