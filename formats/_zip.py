@@ -355,7 +355,8 @@ def read_zip_layout(source: Source, *, pickle_name: str = "data.pkl") -> Layout:
     directory = read_directory(source)
     for record_name in directory.names():  # torch.load lists every name as str: it fails on these
         try:
-            record_name.encode("utf-8")
+            # miniz hands torch each name as a C string: what follows a NUL byte is never decoded
+            record_name.partition("\x00")[0].encode("utf-8")
         except UnicodeEncodeError as exc:
             raise CheckpointError(source.name, f"record name {record_name!r} is not UTF-8: corrupt") from exc
     prefix = archive_prefix(directory, source.name)

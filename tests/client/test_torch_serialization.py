@@ -535,6 +535,14 @@ def test_record_name_not_utf8_fails_as_in_torch() -> None:
         ckptd.load(data)
 
 
+def test_record_name_bytes_after_a_nul_are_not_decoded_as_in_torch() -> None:
+    """miniz gives torch each name as a C string, so bytes past a NUL are never decoded (found by the fuzzer)."""
+    data = _rename(_saved({"w": torch.arange(3.0)}), b"archive/.format_version", b"archive/.format\x00\xff\xfersion")
+    expected = torch.load(io.BytesIO(data))
+    assert_same({"w": torch.arange(3.0)}, expected)
+    assert_same(expected, ckptd.load(data))
+
+
 def test_legacy_header_is_unpickled_as_torch_does() -> None:
     """torch.load unpickles a legacy file's system-info pickle too: weights_only refuses what it holds."""
     data = _saved({"w": torch.arange(3.0)}, _use_new_zipfile_serialization=False)
