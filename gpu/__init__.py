@@ -16,8 +16,9 @@ The public surface (``__all__``; everything else is private):
 * reading into them: :class:`Copy`, :func:`fill`, :func:`fill_device`, :func:`chunks`,
   with :data:`DEFAULT_THREADS` reader threads and :data:`DEFAULT_CHUNK_BYTES` chunks;
 * GPU backends: :class:`Devices` (:class:`CudaDevices`, :class:`SimulatedDevices`,
-  :func:`local_devices`), :class:`DeviceInfo`, :class:`DeviceBuffer`, :class:`StagingPool`;
-* :class:`DeviceError`.
+  :func:`local_devices`), :class:`DeviceInfo`, :class:`DeviceBuffer`, :class:`StagingPool`,
+  :func:`is_pinned`;
+* :class:`DeviceError`, and :class:`DeviceOutOfMemoryError` when a GPU itself is full.
 
 >>> import torch
 >>> from ckptd.formats import open_source
@@ -36,13 +37,16 @@ from ._errors import DeviceError
 
 if TYPE_CHECKING:
     from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, pack, shm_arena
-    from ._devices import CudaDevices, DeviceBuffer, DeviceInfo, Devices, SimulatedDevices, StagingPool, local_devices
+    from ._buffers import DeviceBuffer, DeviceInfo, StagingPool, is_pinned
+    from ._devices import CudaDevices, Devices, SimulatedDevices, local_devices
+    from ._oom import DeviceOutOfMemoryError
     from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
 
 _LAZY = {
     **dict.fromkeys(("ALIGNMENT", "Arena", "align", "allocate", "cpu_arena", "map_arena", "pack", "shm_arena"), "._arena"),
-    **dict.fromkeys(("CudaDevices", "DeviceBuffer", "DeviceInfo", "Devices", "SimulatedDevices", "StagingPool",
-                     "local_devices"), "._devices"),
+    **dict.fromkeys(("DeviceBuffer", "DeviceInfo", "StagingPool", "is_pinned"), "._buffers"),
+    **dict.fromkeys(("CudaDevices", "Devices", "SimulatedDevices", "local_devices"), "._devices"),
+    "DeviceOutOfMemoryError": "._oom",
     **dict.fromkeys(("DEFAULT_CHUNK_BYTES", "DEFAULT_THREADS", "Copy", "chunks", "fill", "fill_device"), "._reader"),
 }
 
@@ -70,6 +74,7 @@ __all__ = [
     "DeviceBuffer",
     "DeviceError",
     "DeviceInfo",
+    "DeviceOutOfMemoryError",
     "Devices",
     "SimulatedDevices",
     "StagingPool",
@@ -79,6 +84,7 @@ __all__ = [
     "cpu_arena",
     "fill",
     "fill_device",
+    "is_pinned",
     "local_devices",
     "map_arena",
     "pack",

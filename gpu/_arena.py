@@ -67,6 +67,8 @@ class Arena:
         self._host = host
         self._fd = fd
         self.path: str | None = None  # the shared-memory file's name, for named arenas
+        # CUDA: an event recorded on the stream the arena was allocated on (see device_arena)
+        self.ready: torch.cuda.Event | None = None
 
     def view(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         """The arena's bytes ``[offset, offset + nbytes)`` as a storage that aliases it."""
@@ -202,9 +204,18 @@ def _map(fd: int, nbytes: int, *, shared: bool) -> mmap.mmap:
 
 
 def device_arena(device: torch.device, nbytes: int) -> Arena:
-    """An arena on a non-CPU device (one allocation through torch), filled via host staging."""
+    """An arena on a non-CPU device (one allocation through torch), filled via host staging.
+
+    On CUDA the block comes from torch's caching allocator on the caller's current stream,
+    where kernels still pending may use it: :attr:`Arena.ready` marks that point, and the
+    streams that fill the arena wait for it.
+    """
     storage = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
-    return Arena(device, storage, host=None, fd=None)
+    arena = Arena(device, storage, host=None, fd=None)
+    if device.type == "cuda":
+        arena.ready = torch.cuda.Event()
+        arena.ready.record(torch.cuda.current_stream(device))
+    return arena
 
 
 def allocate(device: torch.device, nbytes: int) -> Arena:

@@ -11,7 +11,8 @@ host → device, device → host and device → device, exports a buffer as an I
 placement, peer-copy, tiering, lease and IPC-lifecycle logic runs in CI without CUDA;
 it counts every byte it moves so tests can tell a peer copy from a disk read.
 
-Nothing here touches CUDA at import time: :class:`CudaDevices` imports cupy when made.
+Nothing here touches CUDA at import time, and making a :class:`CudaDevices` creates no
+context: identity comes from the driver (``_driver``), cupy is imported on first use.
 
 >>> import tempfile
 >>> sim = SimulatedDevices(2, tempfile.mkdtemp())
@@ -24,112 +25,71 @@ from __future__ import annotations
 import abc
 import base64
 import contextlib
+import ctypes
+import functools
+import importlib.util
 import logging
 import mmap
 import os
-import queue
 import secrets
 import threading
-import uuid as uuidlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from . import _driver, _vmm
 from ._arena import map_arena
+from ._buffers import DeviceBuffer, DeviceInfo, HostCounter, StagingPool, is_pinned, owned_host_memory
 from ._errors import DeviceError
-from . import _vmm
+from ._oom import DeviceOutOfMemoryError
 from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, fill_device
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["CudaDevices", "DeviceBuffer", "DeviceInfo", "Devices", "SimulatedDevices", "StagingPool", "local_devices"]
+
 SIMULATED_UUID = "GPU-5e1a0000-0000-4000-8000-{:012x}"
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
-    """One GPU as this process sees it: ``cuda:<index>`` is the physical GPU ``uuid``."""
-
-    index: int
-    uuid: str
-    name: str
-    total_memory: int
-
-
-class DeviceBuffer(abc.ABC):
-    """One allocation on one GPU: an arena's memory. Free it with :meth:`free`."""
-
-    def __init__(self, device: DeviceInfo, nbytes: int) -> None:
-        self.device = device
-        self.nbytes = nbytes
-
-    def _check(self, offset: int, nbytes: int) -> None:
-        if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
-            raise DeviceError(f"[{offset}, {offset + nbytes}) is outside a {self.nbytes}-byte buffer on {self.device.uuid}")
-
-    @abc.abstractmethod
-    def write(self, offset: int, data: memoryview) -> None:
-        """Copy host bytes to ``offset`` (returns once they are on the device)."""
-
-    @abc.abstractmethod
-    def read(self, offset: int, out: memoryview) -> None:
-        """Copy ``len(out)`` bytes at ``offset`` to host memory."""
-
-    @abc.abstractmethod
-    def copy_from(self, offset: int, source: DeviceBuffer, source_offset: int, nbytes: int) -> None:
-        """Copy device to device (peer copy across GPUs), without the host."""
-
-    @abc.abstractmethod
-    def export(self) -> dict[str, Any]:
-        """An IPC handle another process opens with :meth:`Devices.open` (JSON-ready)."""
-
-    @abc.abstractmethod
-    def free(self) -> None:
-        """Release the memory (idempotent); processes that opened it keep their mapping."""
-
-    def share_fd(self) -> int:
-        """A new file descriptor for this memory, for buffers whose handle says ``"fd": true``
-        (the daemon passes it over its descriptor socket, then closes it)."""
-        raise DeviceError(f"a buffer on {self.device.uuid} is shared by handle, not by file descriptor")
-
-
-class StagingPool:
-    """Host staging buffers made once (pinned for CUDA) and lent to reader threads.
-
-    Pinning is slow and pinned memory is scarce, so the buffers are allocated up front
-    and reused by every load; a borrower waits when all are lent.
-
-    >>> pool = StagingPool(lambda n: memoryview(bytearray(n)), count=2, nbytes=16)
-    >>> a = pool.take(); len(a), pool.count
-    (16, 2)
-    >>> pool.give(a)
-    """
-
-    def __init__(self, make: Callable[[int], memoryview], *, count: int, nbytes: int) -> None:
-        self.count = count
-        self.nbytes = nbytes
-        self._free: queue.LifoQueue[memoryview] = queue.LifoQueue()
-        for _ in range(count):
-            self._free.put(make(nbytes))
-
-    def take(self) -> memoryview:
-        """A buffer of :attr:`nbytes`; blocks while every buffer is lent."""
-        return self._free.get()
-
-    def give(self, buffer: memoryview) -> None:
-        """Return a buffer :meth:`take` lent."""
-        self._free.put(buffer)
-
-
 class Devices(abc.ABC):
-    """A GPU backend: the GPUs this process sees and what can be done with them."""
+    """A GPU backend: the GPUs this process sees and what can be done with them.
+
+    A client needs only :meth:`visible` (ordinal ↔ UUID), :meth:`current` and :meth:`open`;
+    the staging pool is made on the first fill, so a worker that only opens what the daemon
+    placed pins nothing (:attr:`pinned` counts the host bytes this backend holds pinned).
+    """
 
     kind: str
     sharing: str  # how other processes map buffers, for ``ckptd stats``
-    staging: StagingPool  # host staging buffers, made when the backend is
+    staging_buffers: int = DEFAULT_THREADS
+    staging_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __init__(self) -> None:
+        self.pinned = HostCounter()  # pinned host bytes held now: staging pool and host-tier copies
+        self._staging_lock = threading.Lock()
+        self._staging: StagingPool | None = None
+
+    @property
+    def staging(self) -> StagingPool:
+        """The host staging buffers, made (and pinned) on first use."""
+        with self._staging_lock:
+            if self._staging is None:
+                self._staging = StagingPool(self.host_buffer, count=self.staging_buffers, nbytes=self.staging_bytes)
+            return self._staging
+
+    @staging.setter
+    def staging(self, pool: StagingPool) -> None:
+        """Use ``pool`` for staging (before the first fill; a smaller one in tests)."""
+        with self._staging_lock:
+            self._staging = pool
+
+    @property
+    def has_staging(self) -> bool:
+        """Whether the staging pool has been made (a client's never is)."""
+        return self._staging is not None
 
     def read_file(self, path: str, buffer: DeviceBuffer, copies: Iterable[Copy]) -> None:
         """Copy file ranges into ``buffer``: chunked reads through :attr:`staging`."""
@@ -137,6 +97,10 @@ class Devices(abc.ABC):
 
         with open_source(path) as source:
             fill_device(source, buffer, list(copies), staging=self.staging)
+
+    @abc.abstractmethod
+    def current(self) -> int:
+        """The calling thread's current GPU ordinal: what a bare ``"cuda"`` means now."""
 
     @abc.abstractmethod
     def visible(self) -> tuple[DeviceInfo, ...]:
@@ -177,8 +141,11 @@ class Devices(abc.ABC):
         """
 
     def host_buffer(self, nbytes: int) -> memoryview:
-        """A host staging buffer (pinned where the backend can pin)."""
-        return memoryview(bytearray(nbytes))
+        """``nbytes`` of host memory (pinned where the backend pins), freed with its last view
+        and counted in :attr:`pinned` until then: staging buffers and host-tier copies."""
+        backing = bytearray(max(nbytes, 1))
+        address = ctypes.addressof(ctypes.c_char.from_buffer(backing))
+        return owned_host_memory(address, nbytes, lambda: None, self.pinned, pinned=False, keep=backing)
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,6 +226,7 @@ class SimulatedDevices(Devices):
                  memory: int = 16 << 30, read_only: bool = False) -> None:
         if count < 0:
             raise DeviceError(f"simulated GPU count must be >= 0, not {count}")
+        super().__init__()
         self.directory = os.fspath(directory)
         order = list(range(count)) if visible is None else list(visible)
         if any(not 0 <= i < count for i in order) or len(set(order)) != len(order):
@@ -270,7 +238,8 @@ class SimulatedDevices(Devices):
         self.moved = {"h2d": 0, "d2h": 0, "peer": 0}
         self.allocated: dict[str, int] = {d.uuid: 0 for d in self._devices}
         self._lock = threading.Lock()
-        self.staging = StagingPool(self.host_buffer, count=DEFAULT_THREADS, nbytes=1 << 20)
+        self.staging_bytes = 1 << 20
+        self._current = threading.local()
         # read_only simulates CUDA VMM: descriptors passed over a socket, mapped read-only
         self.read_only = read_only
         self.sharing = (
@@ -290,11 +259,27 @@ class SimulatedDevices(Devices):
     def visible(self) -> tuple[DeviceInfo, ...]:
         return self._devices
 
+    def current(self) -> int:
+        return int(getattr(self._current, "index", 0))
+
+    @contextlib.contextmanager
+    def device(self, index: int) -> Iterator[None]:
+        """Make ``cuda:<index>`` this thread's current GPU inside the block (``torch.cuda.device``)."""
+        self.uuid_of(index)
+        before = self.current()
+        self._current.index = index
+        try:
+            yield
+        finally:
+            self._current.index = before
+
     def allocate(self, uuid: str, nbytes: int) -> DeviceBuffer:
         device = self.by_uuid(uuid)
         with self._lock:
             if self.allocated[uuid] + nbytes > device.total_memory:
-                raise DeviceError(f"out of memory on {uuid}: {nbytes} bytes requested, {self.allocated[uuid]} in use")
+                raise DeviceOutOfMemoryError(
+                    f"out of memory on {uuid}: {nbytes} bytes requested, {self.allocated[uuid]} in use"
+                )
             self.allocated[uuid] += nbytes
         return _SimBuffer(self, device, nbytes)
 
@@ -345,19 +330,7 @@ class _Opened:
 # ---------------------------------------------------------------------------------------
 
 
-def _uuid_string(raw: bytes | str) -> str:
-    """``GPU-xxxxxxxx-...`` from the 16 raw bytes cupy gives or the string torch gives."""
-    if isinstance(raw, bytes):
-        return f"GPU-{uuidlib.UUID(bytes=raw[:16])}"
-    text = str(raw)
-    return text if text.startswith("GPU-") else f"GPU-{text}"
-
-
-def _identity(props: Mapping[str, Any]) -> str:
-    """A GPU's identity across processes: its UUID, or its PCI address where cupy gives no UUID."""
-    if props.get("uuid"):
-        return _uuid_string(props["uuid"])
-    return f"PCI-{props.get('pciDomainID', 0):04x}:{props.get('pciBusID', 0):02x}:{props.get('pciDeviceID', 0):02x}"
+_CUDA_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation
 
 
 class _CudaBuffer(DeviceBuffer):
@@ -373,15 +346,15 @@ class _CudaBuffer(DeviceBuffer):
 
     def write(self, offset: int, data: memoryview) -> None:
         self._check(offset, len(data))
-        pool = self._owner.staging
-        staging = pool.take()
-        try:
-            for start in range(0, len(data), len(staging)):
-                n = min(len(staging), len(data) - start)
-                staging[:n] = data[start : start + n]
-                self._h2d(offset + start, staging, n)
-        finally:
-            pool.give(staging)
+        if is_pinned(data):
+            self._h2d(offset, data, len(data))
+            return
+        staging = self._owner.staging
+        for start in range(0, len(data), staging.nbytes):
+            n = min(staging.nbytes, len(data) - start)
+            with staging.lend() as host:  # one chunk at a time: concurrent copies share the pool
+                host[:n] = data[start : start + n]
+                self._h2d(offset + start, host, n)
 
     def write_pinned(self, offset: int, pinned: Any, nbytes: int) -> None:
         """Host → device from a pinned buffer (:meth:`CudaDevices.host_buffer`), no extra copy."""
@@ -397,26 +370,42 @@ class _CudaBuffer(DeviceBuffer):
 
     def read(self, offset: int, out: memoryview) -> None:
         self._check(offset, len(out))
+        if is_pinned(out):
+            self._d2h(offset, out, len(out))
+            return
+        staging = self._owner.staging
+        for start in range(0, len(out), staging.nbytes):
+            n = min(staging.nbytes, len(out) - start)
+            with staging.lend() as host:
+                self._d2h(offset + start, host, n)
+                out[start : start + n] = host[:n]
+
+    def _d2h(self, offset: int, host: memoryview, nbytes: int) -> None:
         rt = self._cp.cuda.runtime
-        pool = self._owner.staging
-        staging = pool.take()
-        try:
-            with self._cp.cuda.Device(self.device.index):
-                for start in range(0, len(out), len(staging)):
-                    n = min(len(staging), len(out) - start)
-                    rt.memcpy(_address(staging), self.ptr + offset + start, n, rt.memcpyDeviceToHost)
-                    out[start : start + n] = staging[:n]
-        finally:
-            pool.give(staging)
+        with self._cp.cuda.Device(self.device.index):
+            stream = self._owner.stream(self.device.index)
+            rt.memcpyAsync(_address(host), self.ptr + offset, nbytes, rt.memcpyDeviceToHost, stream.ptr)
+            stream.synchronize()
 
     def copy_from(self, offset: int, source: DeviceBuffer, source_offset: int, nbytes: int) -> None:
         self._check(offset, nbytes)
         if not isinstance(source, _CudaBuffer):
             raise DeviceError("a CUDA buffer copies only from another CUDA buffer")
         source._check(source_offset, nbytes)
+        if nbytes == 0:
+            return
+        self._grant_peer(source)
         rt = self._cp.cuda.runtime
         with self._cp.cuda.Device(self.device.index):
-            rt.memcpyPeer(self.ptr + offset, self.device.index, source.ptr + source_offset, source.device.index, nbytes)
+            stream = self._owner.stream(self.device.index)
+            rt.memcpyPeerAsync(self.ptr + offset, self.device.index, source.ptr + source_offset, source.device.index,
+                               nbytes, stream.ptr)
+            # A peer copy returns before it is done; the buffer is exported (and may be mapped
+            # by another process) as soon as this returns.
+            stream.synchronize()
+
+    def _grant_peer(self, source: _CudaBuffer) -> None:
+        """Plain device allocations need no grant for a peer copy (VMM ones do)."""
 
     def export(self) -> dict[str, Any]:
         handle = self._cp.cuda.runtime.ipcGetMemHandle(self.ptr) if self.nbytes else b""
@@ -437,6 +426,16 @@ class _VmmBuffer(_CudaBuffer):
         self._vmm = _vmm.VmmAllocation(self.device.index, nbytes)
         return self._vmm.ptr
 
+    def _grant_peer(self, source: _CudaBuffer) -> None:
+        """VMM memory is reachable only from devices granted access: the peer reads the
+        source and writes here, whichever device's copy engine runs the copy."""
+        if source.device.index == self.device.index:
+            return
+        with self._cp.cuda.Device(self.device.index):
+            if isinstance(source, _VmmBuffer):
+                source._vmm.grant(self.device.index)
+            self._vmm.grant(source.device.index, write=True)
+
     def export(self) -> dict[str, Any]:
         size = self._vmm.size if self.nbytes else 0
         return {"kind": "cuda-vmm", "uuid": self.device.uuid, "nbytes": self.nbytes, "size": size, "fd": True}
@@ -454,8 +453,6 @@ class _VmmBuffer(_CudaBuffer):
 
 def _address(buffer: memoryview) -> int:
     """The host address of a writable buffer (a pinned buffer's or a bytearray's)."""
-    import ctypes
-
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
@@ -484,43 +481,55 @@ def _close_ipc(cp: Any, device_index: int, ptr: int) -> None:
             cp.cuda.runtime.ipcCloseMemHandle(ptr)
 
 
-class CudaDevices(Devices):
-    """The real GPUs, through cupy (the ``gpu`` extra): legacy read-write CUDA IPC handles.
+def _free_host(cp: Any, ptr: int) -> None:
+    with contextlib.suppress(Exception):  # at interpreter exit the runtime may already be gone
+        cp.cuda.runtime.freeHost(ptr)
 
-    A pool of pinned staging buffers is allocated once here (pageable memory, with a
-    warning, where pinning is refused). ``gds=True`` reads files straight into GPU
-    memory with GPUDirect Storage through kvikio, falling back to staged reads when
-    kvikio is missing or refuses. Read-only client mappings through CUDA virtual memory
-    management are not implemented yet; :attr:`sharing` says so, and ``ckptd stats``
-    reports it.
+
+class CudaDevices(Devices):
+    """The real GPUs: identity from the driver, memory and copies through cupy (the ``gpu`` extra).
+
+    Making one touches no GPU and imports nothing: which ordinal is which UUID comes
+    from the driver without a context, cupy is imported on first use, the pinned staging
+    pool is made on the first fill (pageable memory, with a warning, where pinning is
+    refused). A worker that only opens what the daemon placed pins nothing.
+    ``gds=True`` reads files straight into GPU memory with GPUDirect Storage through
+    kvikio, falling back to staged reads when kvikio is missing or refuses. ``vmm=True``
+    allocates with CUDA virtual memory management so clients map arenas read-only
+    (legacy read-write IPC handles where VMM does not work); :attr:`sharing` says which.
     """
 
     kind = "cuda"
 
     def __init__(self, *, gds: bool = False, vmm: bool = False, staging_buffers: int = DEFAULT_THREADS,
                  staging_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        try:
-            import cupy
-        except ImportError as exc:
-            raise DeviceError("CUDA devices need cupy: pip install 'ckptd[gpu]'") from exc
-        self.cupy = cupy
-        rt = cupy.cuda.runtime
-        devices = []
-        for index in range(rt.getDeviceCount()):
-            props = rt.getDeviceProperties(index)
-            name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-            devices.append(DeviceInfo(index, _identity(props), name, int(props["totalGlobalMem"])))
-        self._devices = tuple(devices)
+        super().__init__()
+        self._devices = tuple(
+            DeviceInfo(found.ordinal, found.uuid_string, found.name, found.total_memory) for found in _driver.identities()
+        )
         self._local = threading.local()
-        self.staging = StagingPool(self.host_buffer, count=staging_buffers, nbytes=staging_bytes)
+        self.staging_buffers, self.staging_bytes = staging_buffers, staging_bytes
         self.gds = gds and self._kvikio() is not None
         self.vmm = vmm and self._vmm_works()
         self.sharing = (
             "cuda-vmm (read-only client mappings from descriptors)" if self.vmm else "cuda-ipc (legacy read-write handles)"
         )
 
+    @functools.cached_property
+    def cupy(self) -> Any:
+        """The cupy module, imported on first use (:class:`DeviceError` without the ``gpu`` extra)."""
+        try:
+            import cupy
+        except ImportError as exc:
+            raise DeviceError("CUDA devices need cupy: pip install 'ckptd[gpu]'") from exc
+        return cupy
+
     def visible(self) -> tuple[DeviceInfo, ...]:
         return self._devices
+
+    def current(self) -> int:
+        """torch's current device for the calling thread (``torch.cuda.set_device``/``torch.cuda.device``)."""
+        return int(torch.cuda.current_device())
 
     def stream(self, index: int) -> Any:
         """This thread's stream on GPU ``index`` (one per reader thread and device)."""
@@ -571,24 +580,33 @@ class CudaDevices(Devices):
                 memory = cp.cuda.UnownedMemory(buffer.ptr + copy.arena_offset, copy.nbytes, buffer, buffer.device.index)
                 view = cp.ndarray((copy.nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(memory, 0))
                 futures.append(f.pread(view, copy.nbytes, copy.file_offset))
-            for future in futures:
-                if future.get() != copies[futures.index(future)].nbytes:
+            for copy, future in zip(copies, futures):
+                if future.get() != copy.nbytes:
                     raise DeviceError(f"{path}: short GPUDirect read")
 
     def host_buffer(self, nbytes: int) -> memoryview:
+        """Pinned host memory allocated for this request alone (``cudaHostAlloc``, portable to
+        every device) and freed (``cudaFreeHost``) with its last view: not cupy's pinned
+        pool, which rounds each request up to a power of two and keeps freed blocks."""
+        if nbytes == 0:
+            return memoryview(bytearray())
+        cp = self.cupy
+        rt = cp.cuda.runtime
         try:
-            pinned = self.cupy.cuda.alloc_pinned_memory(nbytes)
-        except Exception as exc:  # cupy raises its own CUDARuntimeError; pinning may be refused
-            logger.warning("pinning %d bytes failed (%s); staging through pageable memory", nbytes, exc)
+            ptr = int(rt.hostAlloc(nbytes, rt.hostAllocPortable))
+        except rt.CUDARuntimeError as exc:  # pinning may be refused (memlock limits, no memory)
+            logger.warning("pinning %d bytes failed (%s); using pageable memory", nbytes, exc)
             return memoryview(bytearray(nbytes))
-        return memoryview(pinned).cast("B")[:nbytes]
+        return owned_host_memory(ptr, nbytes, functools.partial(_free_host, cp, ptr), self.pinned, pinned=True)
 
     def allocate(self, uuid: str, nbytes: int) -> DeviceBuffer:
         device = self.by_uuid(uuid)
+        rt = self.cupy.cuda.runtime
         try:
             return (_VmmBuffer if self.vmm else _CudaBuffer)(self, device, nbytes)
-        except self.cupy.cuda.runtime.CUDARuntimeError as exc:
-            raise DeviceError(f"cannot allocate {nbytes} bytes on {uuid}: {exc}") from exc
+        except rt.CUDARuntimeError as exc:
+            error = DeviceOutOfMemoryError if getattr(exc, "status", None) == _CUDA_OUT_OF_MEMORY else DeviceError
+            raise error(f"cannot allocate {nbytes} bytes on {uuid}: {exc}") from exc
 
     def open(self, handle: Mapping[str, Any], fd: int | None = None) -> tuple[torch.UntypedStorage, object]:
         index = self.by_uuid(str(handle["uuid"])).index
@@ -621,12 +639,20 @@ def open_cuda_ipc(handle: Mapping[str, Any], cp: Any, device_index: int) -> tupl
 
 def local_devices(environ: Mapping[str, str], directory: str | os.PathLike[str] = "/dev/shm") -> Devices | None:
     """The GPUs a client process sees: simulated ones where ``CKPTD_SIMULATED_GPUS`` is set,
-    else CUDA ones through cupy where torch sees CUDA, else ``None``."""
+    else CUDA ones where torch sees CUDA and cupy is installed, else ``None``.
+
+    Only identity is learnt here (no cupy import, no context, nothing pinned): a worker
+    opens what the daemon placed and never stages a byte itself.
+    """
     if environ.get("CKPTD_SIMULATED_GPUS"):
         return SimulatedDevices.from_env(environ, directory)
-    if torch.cuda.is_available():
-        try:
-            return CudaDevices()
-        except DeviceError as exc:
-            logger.warning("%s; GPU storages from the daemon are staged through host memory", exc)
+    if not torch.cuda.is_available():
+        return None
+    if importlib.util.find_spec("cupy") is None:
+        logger.warning("CUDA devices need cupy (pip install 'ckptd[gpu]'); GPU storages from the daemon are staged through host memory")
+        return None
+    try:
+        return CudaDevices()
+    except DeviceError as exc:
+        logger.warning("%s; GPU storages from the daemon are staged through host memory", exc)
     return None

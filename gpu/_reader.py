@@ -24,7 +24,7 @@ from ckptd.formats import FileSource, Source
 from ._arena import Arena, host_view
 
 if TYPE_CHECKING:
-    from ._devices import DeviceBuffer, StagingPool
+    from ._buffers import DeviceBuffer, StagingPool
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +155,12 @@ def _staged_step(arena: Arena, chunk_bytes: int) -> Callable[[Source, Copy], Non
 
     On CUDA the staging buffer is pinned and each thread copies on its own stream, so
     while one thread's chunk crosses the bus the others read theirs; a thread waits for
-    its own copy only before reusing its buffer. Without pinning (refused, or another
-    device) the buffer is plain host memory.
+    its own copy only before reusing its buffer. The arena came from torch's caching
+    allocator on the caller's current stream, where kernels may still be using the block
+    it reuses: each side stream first waits for that stream (:attr:`Arena.ready`), and
+    the arena is recorded on each side stream that writes it, as torch's CUDA semantics
+    ask of memory used on a stream it was not allocated on. Without pinning (refused, or
+    another device) the buffer is plain host memory.
     """
     local = threading.local()
     target = torch.empty(0, dtype=torch.uint8, device=arena.device).set_(arena.storage)
@@ -166,7 +170,7 @@ def _staged_step(arena: Arena, chunk_bytes: int) -> Callable[[Source, Copy], Non
         staging = getattr(local, "staging", None)
         if staging is None:
             staging = local.staging = _staging_tensor(chunk_bytes, pinned=cuda)
-            local.stream = torch.cuda.Stream(arena.device) if cuda else None
+            local.stream = _side_stream(arena, target) if cuda else None
         source.readinto(host_view(staging.data_ptr(), copy.nbytes), copy.file_offset)
         destination = target[copy.arena_offset : copy.arena_offset + copy.nbytes]
         if local.stream is None:
@@ -177,6 +181,16 @@ def _staged_step(arena: Arena, chunk_bytes: int) -> Callable[[Source, Copy], Non
         local.stream.synchronize()  # this thread's buffer is free again; other threads kept reading
 
     return step
+
+
+def _side_stream(arena: Arena, target: torch.Tensor) -> torch.cuda.Stream:
+    """A new stream on the arena's GPU, ordered after the work pending where the arena was
+    allocated, with the arena recorded on it."""
+    stream = torch.cuda.Stream(arena.device)
+    if arena.ready is not None:
+        stream.wait_event(arena.ready)
+    target.record_stream(stream)
+    return stream
 
 
 def _staging_tensor(nbytes: int, *, pinned: bool) -> torch.Tensor:
@@ -197,9 +211,9 @@ def fill_device(
     threads: int = DEFAULT_THREADS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> None:
-    """Stream file ranges into a GPU buffer: each reader thread borrows a host staging
-    buffer from ``staging`` (pinned for CUDA, made once), reads a chunk into it, then
-    copies it to the device; the buffers go back to the pool when the fill ends.
+    """Stream file ranges into a GPU buffer: for each chunk a reader thread borrows a host
+    staging buffer from ``staging`` (pinned for CUDA, made once), reads the chunk into it,
+    copies it to the device and gives the buffer back.
 
     >>> import tempfile
     >>> from ckptd.formats import open_source
@@ -214,32 +228,23 @@ def fill_device(
     work = sorted(chunks(copies, min(chunk_bytes, staging.nbytes)), key=lambda c: c.file_offset)
     if not work:
         return
-    local = threading.local()
     pinned_write = getattr(buffer, "write_pinned", None)
-    borrowed: list[memoryview] = []
-    lock = threading.Lock()
 
     def step(copy: Copy) -> None:
-        host = getattr(local, "host", None)
-        if host is None:
-            host = local.host = staging.take()
-            with lock:
-                borrowed.append(host)
-        piece = host[: copy.nbytes]
-        source.readinto(piece, copy.file_offset)
-        if pinned_write is not None:
-            pinned_write(copy.arena_offset, piece, copy.nbytes)  # the staging buffer is pinned: no extra copy
-        else:
-            buffer.write(copy.arena_offset, piece)
+        # One buffer per chunk, given back at once: fills running side by side share the
+        # pool (holding one to the end of a fill lets two fills wait on each other forever).
+        with staging.lend() as host:
+            piece = host[: copy.nbytes]
+            source.readinto(piece, copy.file_offset)
+            if pinned_write is not None:
+                pinned_write(copy.arena_offset, piece, copy.nbytes)  # the staging buffer is pinned: no extra copy
+            else:
+                buffer.write(copy.arena_offset, piece)
 
-    threads = min(threads, staging.count)  # a reader thread holds one staging buffer
-    try:
-        if threads <= 1 or len(work) == 1 or source.fileno() is None:
-            for copy in work:
-                step(copy)
-            return
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptd-gpu-read") as pool:
-            list(pool.map(step, work))
-    finally:
-        for host in borrowed:
-            staging.give(host)
+    threads = min(threads, staging.count)  # more readers than buffers would only wait
+    if threads <= 1 or len(work) == 1 or source.fileno() is None:
+        for copy in work:
+            step(copy)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptd-gpu-read") as pool:
+        list(pool.map(step, work))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import Any
 
+from ._driver import check as _check
+from ._driver import driver
 from ._errors import DeviceError
 
 _PINNED = 1  # CU_MEM_ALLOCATION_TYPE_PINNED
@@ -49,27 +50,6 @@ class _AllocationProp(ctypes.Structure):
 
 class _AccessDesc(ctypes.Structure):
     _fields_ = [("location", _Location), ("flags", ctypes.c_int)]
-
-
-_driver: Any = None
-
-
-def driver() -> Any:
-    """``libcuda`` (loaded once); :class:`DeviceError` where there is none."""
-    global _driver
-    if _driver is None:
-        try:
-            _driver = ctypes.CDLL("libcuda.so.1")
-        except OSError as exc:
-            raise DeviceError(f"CUDA virtual memory management needs the driver library: {exc}") from exc
-    return _driver
-
-
-def _check(result: int, call: str) -> None:
-    if result != 0:
-        name = ctypes.c_char_p()
-        driver().cuGetErrorName(result, ctypes.byref(name))
-        raise DeviceError(f"{call} failed: {(name.value or b'?').decode()} ({result})")
 
 
 def _prop(ordinal: int) -> _AllocationProp:
@@ -130,6 +110,15 @@ class VmmAllocation:
         except DeviceError:
             driver().cuMemRelease(handle)
             raise
+
+    def grant(self, ordinal: int, *, write: bool = False) -> None:
+        """Let GPU ``ordinal`` read (or also write) this memory: a peer copy runs on one
+        device's copy engine, and VMM memory is reachable only from devices granted access."""
+        if ordinal == self.ordinal:
+            return
+        access = _AccessDesc(_Location(_ON_DEVICE, ordinal), _READ_WRITE if write else _READ)
+        _check(driver().cuMemSetAccess(ctypes.c_ulonglong(self.ptr), ctypes.c_size_t(self.size), ctypes.byref(access),
+                                       ctypes.c_size_t(1)), "cuMemSetAccess")
 
     def export_fd(self) -> int:
         """A new file descriptor for this memory (the caller sends it, then closes it)."""

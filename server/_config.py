@@ -192,7 +192,7 @@ class Settings(BaseSettings):
     )
     gpu_budget: Annotated[dict[str, int], NoDecode] = setting(
         "per-GPU budget by the daemon's ordinals: `cuda:0=40GiB,cuda:1=40GiB` or JSON", metavar="SPEC",
-        default_text="90% of each GPU", default_factory=dict,
+        default_text="each GPU less max(10%, 4 GiB), left for CUDA contexts", default_factory=dict,
     )
     host_tier_budget: int = setting("host memory for GPU arenas evicted from their GPU", metavar="SIZE",
                                     default_text="25% of RAM", default_factory=_default_host_tier_budget)  # fmt: skip

@@ -11,7 +11,8 @@ place that has them:
 
 Under a GPU's budget, the least recently used arenas of checkpoints no lease holds move to
 the host tier (under its own budget; past it they are freed). Leased arenas are never
-touched, and a load that cannot fit raises :class:`OverBudgetError` naming the GPU.
+touched, and a load that cannot fit raises :class:`OverBudgetError` naming the GPU: over
+its budget, or out of memory on the GPU itself after evicting what it may.
 """
 
 from __future__ import annotations
@@ -26,9 +27,24 @@ from dataclasses import dataclass, field
 from ckptd import OverBudgetError, UsageError
 from ckptd.internals import ArenaInfo, Placement
 from ckptd.formats import Layout
-from ckptd.gpu import Copy, DeviceBuffer, Devices, pack
+from ckptd.gpu import Copy, DeviceBuffer, DeviceOutOfMemoryError, Devices, pack
 
 logger = logging.getLogger(__name__)
+
+# What a default GPU budget leaves for CUDA contexts (about 0.5 GiB each: the daemon's and
+# those of the workers using the GPU, each holding its own) and for other processes.
+CONTEXT_ROOM = 4 << 30
+
+
+def default_gpu_budget(total_memory: int) -> int:
+    """The cache's default budget on a GPU of ``total_memory`` bytes: all but a tenth of it
+    or :data:`CONTEXT_ROOM`, whichever is more (never less than half the GPU).
+
+    >>> default_gpu_budget(80 << 30) / (1 << 30), default_gpu_budget(16 << 30) / (1 << 30)
+    (72.0, 12.0)
+    """
+    return max(total_memory // 2, total_memory - max(total_memory // 10, CONTEXT_ROOM))
+
 
 HostBytes = Callable[[str], memoryview | None]  # storage key -> its host-resident bytes, if any
 Evictable = Callable[[str], bool]  # entry id -> may its arenas be moved now (no lease, not loading)
@@ -104,7 +120,7 @@ class DeviceTier:
         offsets, total = pack(layout.storages[k].nbytes for k in missing)
         self._reserve(uuid, total, entry_id, evictable)
         try:
-            buffer = self.devices.allocate(uuid, total)
+            buffer = self._allocate(uuid, total, entry_id, evictable)
             try:
                 from_file = self._fill(entry, path, layout, uuid, buffer, dict(zip(missing, offsets)), host)
             except BaseException:
@@ -132,7 +148,7 @@ class DeviceTier:
             nbytes = layout.storages[key].nbytes
             if key in tiered:
                 copy, p = tiered[key]
-                _write(buffer, offset, copy.host[p.offset : p.offset + nbytes])
+                buffer.write(offset, copy.host[p.offset : p.offset + nbytes])  # pinned: no staging copy
             elif key in peers:
                 other, p = peers[key]
                 buffer.copy_from(offset, other.buffer, p.offset, nbytes)
@@ -223,6 +239,39 @@ class DeviceTier:
                 )
             self._to_host_tier(*victim)
 
+    def _allocate(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> DeviceBuffer:
+        """A buffer on GPU ``uuid``. The budget counts only the cache's own arenas (CUDA
+        contexts and other processes use the GPU too), so the GPU itself may be full:
+        then unleased arenas move out (LRU first) and the allocation is tried once more."""
+        try:
+            return self.devices.allocate(uuid, nbytes)
+        except DeviceOutOfMemoryError as exc:
+            failure = exc
+        freed = self._evict(uuid, nbytes, loading, evictable)
+        if freed:
+            try:
+                return self.devices.allocate(uuid, nbytes)
+            except DeviceOutOfMemoryError as exc:
+                failure = exc
+        raise OverBudgetError(
+            f"GPU {uuid} is out of memory for {nbytes} bytes ({failure}); evicting unleased arenas freed {freed} "
+            "bytes. Release leases, evict checkpoints (`ckptd evict`), or lower --gpu-budget to leave room for "
+            "the CUDA contexts and other processes on that GPU."
+        ) from failure
+
+    def _evict(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> int:
+        """Move unleased arenas on ``uuid`` out (LRU first) until ``nbytes`` are freed or
+        none is left; the bytes freed."""
+        freed = 0
+        while freed < nbytes:
+            with self._lock:
+                victim = self._take_victim(uuid, loading, evictable)
+            if victim is None:
+                break
+            freed += victim[1].buffer.nbytes
+            self._to_host_tier(*victim)
+        return freed
+
     def _take_victim(self, uuid: str, loading: str, evictable: Evictable) -> tuple[_Entry, _GpuArena] | None:
         """The least recently used evictable arena on ``uuid``, removed from its entry (lock held)."""
         candidates = [
@@ -286,12 +335,3 @@ class DeviceTier:
         """Free everything (daemon shutdown)."""
         for entry_id in list(self._entries):
             self.drop(entry_id)
-
-
-def _write(buffer: DeviceBuffer, offset: int, host: memoryview) -> None:
-    """Host → device, without a staging copy when the host bytes are pinned already."""
-    pinned = getattr(buffer, "write_pinned", None)
-    if pinned is not None and getattr(host.obj, "ptr", None) is not None:  # cupy pinned memory
-        pinned(offset, host, len(host))
-    else:
-        buffer.write(offset, host)

@@ -43,6 +43,9 @@ class Metrics:
         self._leases = Gauge("ckptd_active_leases", "Leases currently held by clients.", registry=self.registry)
         self._budget = Gauge("ckptd_budget_bytes", "Memory budget per device.", ["device"], registry=self.registry)
         self._sessions = Gauge("ckptd_active_sessions", "Client session connections open.", registry=self.registry)
+        self._pinned = Gauge(
+            "ckptd_pinned_bytes", "Page-locked host memory held: GPU staging buffers and the host tier.", registry=self.registry
+        )
         self._gpu_evictions = Counter(
             "ckptd_gpu_evictions", "GPU arenas moved to the host tier (or freed) under a GPU budget.", registry=self.registry
         )
@@ -82,6 +85,10 @@ class Metrics:
     def set_sessions(self, n: int) -> None:
         """Set the number of open client session connections."""
         self._sessions.set(n)
+
+    def set_pinned(self, nbytes: int) -> None:
+        """Set the pinned host bytes the GPU backend holds (what it really pinned)."""
+        self._pinned.set(nbytes)
 
     def gpu_evicted(self, n: int = 1) -> None:
         """Count GPU arenas moved out under a GPU budget."""

@@ -35,7 +35,7 @@ from ckptd.gpu import CudaDevices, Devices, SimulatedDevices
 from ._app import create_app, end_sessions
 from ._cache import Cache
 from ._config import Settings
-from ._devtier import DeviceTier
+from ._devtier import DeviceTier, default_gpu_budget
 from ._fdchannel import FdServer, fd_socket_path
 from ._http import guarded_protocol
 from ._metrics import Metrics
@@ -53,7 +53,8 @@ def device_tier(settings: Settings) -> DeviceTier | None:
 
     ``auto`` uses CUDA through cupy when cupy is installed and sees a GPU; ``cuda``
     insists (a :class:`DeviceError` says what is missing). Budgets are per GPU by the
-    daemon's ordinal (``cuda:0=40GiB``), 90% of each GPU's memory where not given.
+    daemon's ordinal (``cuda:0=40GiB``); where not given, what leaves room for the CUDA
+    contexts of the daemon and its workers (:func:`default_gpu_budget`).
     """
     devices = _open_devices(settings)
     if devices is None:
@@ -62,7 +63,7 @@ def device_tier(settings: Settings) -> DeviceTier | None:
     unknown = sorted(set(settings.gpu_budget) - set(visible))
     if unknown:
         raise UsageError(f"gpu_budget names {unknown}, but the daemon's GPUs are {sorted(visible) or 'none'}")
-    budgets = {d.uuid: settings.gpu_budget.get(name, int(d.total_memory * 0.9)) for name, d in visible.items()}
+    budgets = {d.uuid: settings.gpu_budget.get(name, default_gpu_budget(d.total_memory)) for name, d in visible.items()}
     logger.info("GPUs: %s (%s)", ", ".join(f"{n}={d.uuid}" for n, d in visible.items()) or "none", devices.sharing)
     return DeviceTier(devices, budgets, settings.host_tier_budget)
 

@@ -265,3 +265,96 @@ def test_concurrent_loads_never_overrun_a_gpu_budget(tmp_path: Path, gpus: Simul
         t.join()
     assert sorted(outcomes) == ["ok", "over", "over", "over"]  # leased: nothing could be moved out
     assert peak[0] <= budget
+
+
+# --- issue 13: concurrent cold fills, out of device memory, real pinned bytes ---
+
+
+def test_concurrent_cold_placements_never_deadlock_on_a_small_staging_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from ckptd.formats import FileSource
+    from ckptd.gpu import StagingPool
+
+    (tmp_path / "gpu").mkdir()
+    gpus = SimulatedDevices(2, tmp_path / "gpu")
+    pool = StagingPool(gpus.host_buffer, count=2, nbytes=4 * KB)  # fewer buffers than the fills' reader threads
+    gpus.staging = pool
+    real_readinto = FileSource.readinto
+
+    def slow_readinto(self: FileSource, buffer: memoryview, offset: int) -> None:
+        time.sleep(0.002)  # a slow disk: every fill is still reading when the others start
+        real_readinto(self, buffer, offset)
+
+    monkeypatch.setattr(FileSource, "readinto", slow_readinto)
+    states = [_state(40 + i) for i in range(4)]
+    for i, state in enumerate(states):
+        torch.save(state, tmp_path / f"cold{i}.pt")
+    cache, _ = _cache(tmp_path, gpus)
+    for round_ in range(3):
+        manifests: dict[int, Manifest] = {}
+        errors: list[BaseException] = []
+
+        def place(i: int) -> None:
+            try:
+                manifests[i] = cache.load(str(tmp_path / f"cold{i}.pt"), map_location=f"cuda:{i % 2}", devices=gpus.table())
+            except BaseException as exc:  # noqa: BLE001  (reported below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=place, args=(i,), daemon=True) for i in range(len(states))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        hung = [t for t in threads if t.is_alive()]
+        if hung:  # free the stuck readers so the process can exit, then fail
+            for _ in range(64):
+                pool.give(memoryview(bytearray(4 * KB)))
+            pytest.fail(f"round {round_}: {len(hung)} concurrent cold placements deadlocked on the staging pool")
+        assert not errors, errors
+        for i, state in enumerate(states):
+            _expect(manifests[i], state, gpus, gpus.uuid_of(i % 2))
+            cache.release(manifests[i].lease)
+            cache.evict(str(tmp_path / f"cold{i}.pt"))  # cold again next round
+
+
+def test_gpu_out_of_memory_evicts_unleased_arenas_and_retries(tmp_path: Path, two: Two) -> None:
+    a, b = two
+    (tmp_path / "gpu").mkdir()
+    # the budget (1 GiB) allows both, but the GPU itself holds about one checkpoint: what
+    # CUDA contexts and other processes leave of a real GPU
+    gpus = SimulatedDevices(1, tmp_path / "gpu", memory=_nbytes(a) + _nbytes(b) // 2)
+    cache, _ = _cache(tmp_path, gpus)
+    cache.release(cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table()).lease)
+    second = cache.load(str(tmp_path / "b.pt"), map_location="cuda:0", devices=gpus.table())  # a moves out
+    _expect(second, b, gpus, gpus.uuid_of(0))
+    assert cache.stats()["gpu_evictions"] == 1 and cache.stats()["host_tier_bytes"] >= _nbytes(a)
+
+
+def test_gpu_out_of_memory_with_everything_leased_names_the_gpu(tmp_path: Path, two: Two) -> None:
+    a, b = two
+    (tmp_path / "gpu").mkdir()
+    gpus = SimulatedDevices(1, tmp_path / "gpu", memory=_nbytes(a) + _nbytes(b) // 2)
+    cache, _ = _cache(tmp_path, gpus)
+    held = cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table())
+    with pytest.raises(ckptd.OverBudgetError, match=f"GPU {gpus.uuid_of(0)} is out of memory") as info:
+        cache.load(str(tmp_path / "b.pt"), map_location="cuda:0", devices=gpus.table())
+    assert isinstance(info.value, MemoryError) and isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    _expect(held, a, gpus, gpus.uuid_of(0))  # untouched
+
+
+def test_pinned_bytes_are_counted_and_released_with_the_host_tier(tmp_path: Path, gpus: SimulatedDevices, two: Two) -> None:
+    a, _ = two
+    cache, metrics = _cache(tmp_path, gpus, gpu_budget=_nbytes(a) + 1024)
+    cache.release(cache.load(str(tmp_path / "a.pt"), map_location="cuda:0", devices=gpus.table()).lease)
+    staging = cache.stats()["pinned_bytes"]  # the staging pool, made by the first fill
+    assert staging == gpus.staging.count * gpus.staging.nbytes
+    cache.release(cache.load(str(tmp_path / "b.pt"), map_location="cuda:0", devices=gpus.table()).lease)  # a -> host tier
+    tier = cache.stats()["host_tier_bytes"]
+    assert tier > 0 and cache.stats()["pinned_bytes"] == staging + tier  # what was asked for, not a power of two
+    (gauge,) = [line for line in metrics.render().decode().splitlines() if line.startswith("ckptd_pinned_bytes ")]
+    assert float(gauge.split()[1]) == staging + tier
+    cache.evict(str(tmp_path / "a.pt"))  # the host-tier copy goes, and its pinned memory with it
+    assert cache.stats()["host_tier_bytes"] == 0 and cache.stats()["pinned_bytes"] == staging
