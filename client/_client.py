@@ -36,7 +36,7 @@ from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
 from ._jit import adopt_tensors
 from ._load import check_daemon_load, keys_of, load_shards, make_request, rebuild, wanted_entries
 from ._manifest import ArenaInfo, Manifest
-from ._placement import MapLocation, restore, target_tag
+from ._placement import MapLocation, restore, target_tag, with_current_device
 from ._remote import FetchStats, RangeReader, Transport, choose_transport, fetch_views
 from ._settings import settings
 from ._select import Select
@@ -106,7 +106,9 @@ class Client(Connection):
         ``f`` must be a path the daemon can open (it resolves it against its roots).
         ``mmap`` is accepted for torch.load compatibility: the arenas are mapped anyway.
         A callable ``map_location`` is applied here, once per storage, to the shared CPU storage.
+        A bare ``"cuda"`` is this thread's current GPU, resolved here on each call.
         """
+        map_location = self._current_device_resolved(map_location)
         request = make_request(map_location, pickle_module, weights_only, mmap, None, pickle_load_args)
         check_daemon_load(request)
         if tensor_name is not None and select is not None:  # refused before the daemon grants any lease
@@ -188,12 +190,23 @@ class Client(Connection):
         }
         return Manifest.from_json(self._request("POST", "/v1/load", json=body))
 
-    def _device_table(self) -> dict[str, str] | None:
-        """This process's ``cuda:N`` → GPU UUID (``None`` without GPUs)."""
+    def _local_devices(self) -> Devices | None:
+        """This process's GPUs: identity (ordinal ↔ UUID) and handle opening only."""
         if not self._devices_known:
             self._devices = local_devices(os.environ)
             self._devices_known = True
-        return self._devices.table() if self._devices else None
+        return self._devices
+
+    def _device_table(self) -> dict[str, str] | None:
+        """This process's ``cuda:N`` → GPU UUID (``None`` without GPUs)."""
+        devices = self._local_devices()
+        return devices.table() if devices else None
+
+    def _current_device_resolved(self, map_location: MapLocation) -> MapLocation:
+        """A bare ``"cuda"`` made ``cuda:N`` for the calling thread's current GPU, as torch
+        resolves it (the daemon cannot know a client thread's current device)."""
+        devices = self._local_devices()
+        return map_location if devices is None else with_current_device(map_location, devices.current)
 
     def _views(
         self, manifest: Manifest, map_location: MapLocation = None

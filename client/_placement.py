@@ -49,14 +49,51 @@ def target_tag(map_location: MapLocation, location: str) -> str | None:
     )
 
 
-@functools.lru_cache(maxsize=64)
 def device_for_tag(tag: str) -> torch.device:
     """The device torch.load would put a storage tagged ``tag`` on, with torch's errors.
 
     torch's own restore function is run on an empty storage, so validation (device
-    exists, index in range, backend registered) and its messages are torch's.
+    exists, index in range, backend registered) and its messages are torch's. A tag
+    without an index (``"cuda"``) names the calling thread's current device, so it is
+    resolved on every call; tags with an index are cached.
+
+    >>> device_for_tag("cpu")
+    device(type='cpu')
     """
+    if ":" not in tag and tag not in ("cpu", "meta"):
+        return restore(torch.UntypedStorage(0), tag).device
+    return _indexed_device(tag)
+
+
+@functools.lru_cache(maxsize=64)
+def _indexed_device(tag: str) -> torch.device:
     return restore(torch.UntypedStorage(0), tag).device
+
+
+def with_current_device(map_location: MapLocation, current: Callable[[], int]) -> MapLocation:
+    """``map_location`` with each bare ``"cuda"`` target made ``cuda:<current()>``: what torch
+    would resolve it to in this thread now (``current`` is asked at most once).
+
+    >>> with_current_device({"cuda:1": "cuda"}, lambda: 3), with_current_device("cpu", lambda: 3)
+    ({'cuda:1': 'cuda:3'}, 'cpu')
+    """
+    index: list[int] = []
+
+    def fix(target: str) -> str:
+        if target != "cuda":
+            return target
+        if not index:
+            index.append(current())
+        return f"cuda:{index[0]}"
+
+    if isinstance(map_location, Mapping):
+        if not any(str(v) == "cuda" for v in map_location.values()):
+            return map_location
+        return {str(k): fix(str(v)) for k, v in map_location.items()}
+    if isinstance(map_location, (str, bytes, torch.device)):
+        target = map_location.decode("ascii") if isinstance(map_location, bytes) else str(map_location)
+        return fix(target) if target == "cuda" else map_location
+    return map_location
 
 
 def restore(storage: torch.UntypedStorage, tag: str) -> torch.UntypedStorage:

@@ -322,6 +322,7 @@ class Cache:
             "evictions": self._evictions,
             "gpu_sharing": self._tier.devices.sharing if self._tier else "none (no GPU backend: host memory only)",
             "host_tier_bytes": self._tier.tier_bytes() if self._tier else 0,
+            "pinned_bytes": self._tier.devices.pinned.bytes if self._tier else 0,
             "gpudirect_storage": bool(getattr(self._tier.devices, "gds", False)) if self._tier else False,
             "gpu_evictions": self._tier.evictions if self._tier else 0,
         }
@@ -612,6 +613,7 @@ class Cache:
                 for uuid, nbytes in self._tier.resident().items():
                     self._metrics.set_resident(uuid, nbytes)
                 self._metrics.set_resident("host-tier", self._tier.tier_bytes())
+                self._metrics.set_pinned(self._tier.devices.pinned.bytes)
                 if self._tier.evictions > self._gpu_evictions_reported:
                     self._metrics.gpu_evicted(self._tier.evictions - self._gpu_evictions_reported)
                     self._gpu_evictions_reported = self._tier.evictions
@@ -623,9 +625,14 @@ def _entry_id(path: str, identity: Identity) -> str:
 
 
 def _cuda_index(tag: str) -> int:
-    """``'cuda'`` → 0 (torch's current device in a fresh process), ``'cuda:3'`` → 3."""
+    """``'cuda:3'`` → 3. A bare ``'cuda'`` names the *client thread's* current device,
+    which only the client knows: it sends ``cuda:N`` (guessing 0 here would put the
+    storages on the wrong GPU)."""
     if tag == "cuda":
-        return 0
+        raise UsageError(
+            "map_location 'cuda' names the client's current device; the client resolves it to 'cuda:N' "
+            "before asking the daemon (ckptd.Client does)"
+        )
     try:
         index = int(tag.split(":", 1)[1])
     except ValueError as exc:

@@ -8,12 +8,14 @@ client started with ``CUDA_VISIBLE_DEVICES=1`` must land on the daemon's GPU 1.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +196,82 @@ def test_descriptor_socket_checks_the_lease(ro_daemon: Daemon) -> None:
         client._release(manifest.lease)
         with pytest.raises(ckptd.LeaseLostError):
             receive_fd(ro_daemon.url, manifest.lease, arena.id)
+
+
+# --- a worker's GPU load: identity and handle opening only (issue 13, item 7) ---
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys, torch, ckptd
+    url, path, out = sys.argv[1:4]
+    with ckptd.Client(url) as client:
+        state = client.load(path, map_location="cuda:0")
+        devices = client._devices
+        made = vars(devices).get("_staging") or vars(devices).get("staging")  # the staging pool, if any was made
+        report = {
+            "sums": {k: float(v.double().sum()) for k, v in state.items()},
+            "staging_pool": made is not None,
+            "pinned": getattr(getattr(devices, "pinned", None), "bytes", None),
+            "cupy": "cupy" in sys.modules,
+        }
+        with open(out, "w") as f:
+            json.dump(report, f)
+    """
+)
+
+
+def test_worker_first_gpu_load_makes_no_staging_pool_and_pins_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    state = _state(7)
+    path = daemon.root / "probe.pt"
+    torch.save(state, path)
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "CKPTD_SIMULATED_GPUS": "2", "CUDA_VISIBLE_DEVICES": "1"}
+    done = subprocess.run([sys.executable, str(script), daemon.url, str(path), str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["sums"] == {k: float(v.double().sum()) for k, v in state.items()}
+    assert report == {**report, "staging_pool": False, "pinned": 0, "cupy": False}
+
+
+# --- a bare "cuda" is the calling thread's current GPU (issue 13, item 5) ---
+
+
+def test_bare_cuda_goes_to_the_calling_threads_current_gpu(daemon: Daemon, gpus: SimulatedDevices) -> None:
+    paths = []
+    for i in range(2):
+        paths.append(daemon.root / f"current{i}.pt")
+        torch.save(_state(20 + i), paths[-1])
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    errors: list[BaseException] = []
+    with ckptd.Client(daemon.url, devices=gpus) as client:
+
+        def load_on(index: int) -> None:
+            try:
+                with gpus.device(index):
+                    results[index] = client.load(paths[index], map_location="cuda")
+            except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load_on, args=(i,)) for i in (1, 0)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors, errors
+        for index in range(2):
+            resident = cached_entry(client, paths[index])["resident_bytes"]
+            other = gpus.uuid_of(1 - index)
+            assert resident.get(gpus.uuid_of(index), 0) > 0 and resident.get(other, 0) == 0, (index, resident)
+            assert all(torch.equal(results[index][k], v) for k, v in _state(20 + index).items())
+
+
+def test_daemon_refuses_to_guess_a_bare_cuda(daemon: Daemon, gpus: SimulatedDevices) -> None:
+    path = daemon.root / "bare.pt"
+    torch.save(_state(30), path)
+    with ckptd.Client(daemon.url, devices=gpus) as client:
+        body = {"path": str(path), "map_location": "cuda", "devices": gpus.table(), "session": None}
+        with pytest.raises(ckptd.UsageError, match="current device"):
+            client._request("POST", "/v1/load", json=body)
