@@ -144,3 +144,65 @@ def test_vmm_mappings_are_read_only_for_workers(vmm_daemon: Daemon, tmp_path: Pa
     assert crashed.returncode != 0  # the writer's own context faulted
     again = subprocess.run([sys.executable, str(script), vmm_daemon.url, str(path)], capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout) == {"ok": True, "device": "cuda:0"}  # the cache is intact
+
+
+def test_host_memory_is_really_pinned_as_asked_and_freed() -> None:
+    """Issue 13, item 6: tier memory is cudaHostAlloc'd per request (not cupy's pool) and counted."""
+    import gc
+
+    import cupy
+
+    from ckptd.gpu import CudaDevices
+
+    devices = CudaDevices()
+    nbytes = 9_000_007
+    host = devices.host_buffer(nbytes)
+    attributes = cupy.cuda.runtime.pointerGetAttributes(ckptd.gpu._devices._address(host))
+    assert attributes.type == cupy.cuda.runtime.memoryTypeHost
+    assert devices.pinned.bytes == nbytes
+    del host
+    gc.collect()
+    assert devices.pinned.bytes == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_peer_copy_is_complete_before_export() -> None:
+    """Issue 13, item 4: a peer copy returns only when the bytes are there."""
+    from ckptd.gpu import CudaDevices
+
+    for vmm in (False, True):
+        devices = CudaDevices(vmm=vmm)
+        data = os.urandom(64 << 20)
+        first = devices.allocate(devices.uuid_of(0), len(data))
+        first.write(0, memoryview(data))
+        second = devices.allocate(devices.uuid_of(1), len(data))
+        second.copy_from(0, first, 0, len(data))
+        out = memoryview(bytearray(len(data)))
+        second.read(0, out)
+        assert bytes(out) == data
+        first.free()
+        second.free()
+
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys, torch, ckptd
+    url, path = sys.argv[1:3]
+    with ckptd.Client(url) as client:
+        state = client.load(path, map_location="cuda:0")
+        devices = client._devices
+        print(json.dumps({"staging_pool": devices.has_staging, "pinned": devices.pinned.bytes,
+                          "device": str(state["w"].device)}))
+    """
+)
+
+
+def test_worker_first_gpu_load_makes_no_staging_pool_and_pins_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    """Issue 13, item 7: a worker learns identity and opens handles; it stages nothing."""
+    path = daemon.root / "probe.pt"
+    torch.save({"w": torch.randn(256, 256)}, path)
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    out = subprocess.run([sys.executable, str(script), daemon.url, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"staging_pool": False, "pinned": 0, "device": "cuda:0"}
