@@ -142,7 +142,8 @@ class Devices(abc.ABC):
 
     def host_buffer(self, nbytes: int) -> memoryview:
         """``nbytes`` of host memory (pinned where the backend pins), freed with its last view
-        and counted in :attr:`pinned` until then: staging buffers and host-tier copies."""
+        and counted in :attr:`pinned` until then: staging buffers and host-tier copies.
+        Simulated devices count theirs as if pinned."""
         backing = bytearray(max(nbytes, 1))
         address = ctypes.addressof(ctypes.c_char.from_buffer(backing))
         return owned_host_memory(address, nbytes, lambda: None, self.pinned, pinned=False, keep=backing)

@@ -30,6 +30,7 @@ ARITY: dict[str, int] = {
     "cuDeviceGetCount": 1,
     "cuDeviceGet": 2,
     "cuDeviceGetUuid_v2": 2,
+    "cuDeviceGetUuid": 2,
     "cuDeviceGetName": 3,
     "cuDeviceTotalMem_v2": 2,
     "cuMemGetAllocationGranularity": 3,
@@ -131,7 +132,11 @@ def _identity(lib: _Driver, ordinal: int) -> Identity:
     device = ctypes.c_int()
     check(lib.cuDeviceGet(ctypes.byref(device), ordinal), "cuDeviceGet")
     raw = (ctypes.c_ubyte * 16)()
-    check(lib.cuDeviceGetUuid_v2(ctypes.byref(raw), device), "cuDeviceGetUuid_v2")
+    try:
+        result = lib.cuDeviceGetUuid_v2(ctypes.byref(raw), device)
+    except AttributeError:  # a driver without the _v2 symbol: the same 16 bytes for a whole GPU
+        result = lib.cuDeviceGetUuid(ctypes.byref(raw), device)
+    check(result, "cuDeviceGetUuid")
     name = ctypes.create_string_buffer(256)
     check(lib.cuDeviceGetName(name, ctypes.c_int(len(name)), device), "cuDeviceGetName")
     total = ctypes.c_size_t()

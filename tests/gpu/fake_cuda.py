@@ -334,7 +334,10 @@ def install(monkeypatch: Any, uuids: list[bytes], memory: int = 1 << 22) -> Fake
     gpus = FakeGpus(uuids, memory)
     fake = FakeCuda(gpus, make_cupy(gpus), FakeDriver(gpus), _Finder(types.ModuleType("cupy")))
     fake.finder.module = fake.cupy
-    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    # setitem first so that undoing restores (or removes) whatever ``cupy`` was, then
+    # delitem so that ``import cupy`` reaches the finder and is counted
+    monkeypatch.setitem(sys.modules, "cupy", fake.cupy)
+    monkeypatch.delitem(sys.modules, "cupy")
     monkeypatch.setattr(sys, "meta_path", [fake.finder, *sys.meta_path])
     try:
         from ckptd.gpu import _driver
