@@ -53,7 +53,7 @@ case "$step" in
   b|c)
     size=2; [ "$step" = c ] && size=8
     extra=()
-    if [ "$DRY_RUN" = 1 ]; then size=0.25; extra=(--simulated --tensors 40); fi
+    if [ "$DRY_RUN" = 1 ]; then size=0.05; extra=(--simulated --tensors 20); fi
     timeout --signal=INT "$budget" "$PY" bench/gpu_load.py --size-gb "$size" --dir /tmp/ckptd-gpu-bench --out "$OUT" "${extra[@]}" \
       2>&1 | tee "$OUT/gpu-bench-$step.txt"
     rc=${PIPESTATUS[0]}
