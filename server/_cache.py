@@ -1,12 +1,22 @@
 """The daemon's checkpoint cache: storages resident in shared memory, shared by every client.
 
 A cached checkpoint (an *entry*) is identified by its resolved path's
-``(st_dev, st_ino, st_size, st_mtime_ns)``, checked at every load, so a replaced file is
-a new entry and never served stale. Its storages live in named shared-memory arenas that
-clients map copy-on-write. Loads of one entry are single-flight: the first reads what is
-missing while the others wait on the entry's lock, then find it resident. Under the host
-budget, least recently used entries that no lease holds are evicted; a load that cannot
-fit fails with :class:`OverBudgetError` instead of exhausting memory.
+``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``, checked at every load and again
+after every read, so a replaced file is a new entry and never served stale, and a read
+the file changed under is neither cached nor returned (the load reads again, once). The
+ctime catches an in-place rewrite that restores the mtime. Its storages live in
+shared-memory arenas that clients map copy-on-write. Loads of one entry are
+single-flight: the first reads what is missing while the others wait on the entry's
+lock, then find it resident. Under the host budget, least recently used entries that no
+lease holds are evicted; a load that cannot fit fails with :class:`OverBudgetError`
+instead of exhausting memory.
+
+An entry's life: created by a load, it is *dropped* (arenas freed, forgotten) by
+eviction, by a failed first load, or, once *retired* (its file changed), when its last
+lease goes. An entry whose lock a load holds is never dropped (eviction is refused, a
+retired one waits for the load to end), so no load attaches an arena to a dropped
+entry; a load that finds its entry dropped or retired once it holds the lock starts
+again on the current one.
 
 With a GPU backend (a :class:`DeviceTier`), storages that ``map_location`` sends to a GPU
 are kept there instead, placed by the GPU's UUID: the client sends its own ``cuda:N`` →
@@ -23,15 +33,16 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from ckptd import (
     CheckpointBusyError,
+    DaemonError,
     DeviceError,
     OverBudgetError,
     PathNotAllowedError,
@@ -58,8 +69,10 @@ from ._leases import LeaseTable
 
 logger = logging.getLogger(__name__)
 
-Identity = tuple[int, int, int, int]
+Identity = tuple[int, int, int, int, int]
 _CPU = torch.device("cpu")
+_T = TypeVar("_T")
+_ATTEMPTS = 3  # loads of one request: the first, and retries after the file changed under a read
 
 
 class CacheSettings(Protocol):
@@ -124,7 +137,8 @@ class _Entry:
     hits: int = 0
     misses: int = 0
     last_used: float = field(default_factory=time.time)
-    stale: bool = False
+    stale: bool = False  # retired: the file changed; dropped once no lease and no load holds it
+    dropped: bool = False  # arenas freed and forgotten: a load that finds this starts again
 
     @property
     def nbytes(self) -> int:
@@ -190,8 +204,8 @@ class Cache:
         if tensor_name is not None and select is not None:
             raise UsageError("pass either tensor_name= or select=, not both")
         started = time.perf_counter()
-        entry = self._entry_for(path)
-        with entry.lock, self._forget_on_failure(entry):
+
+        def load_entry(entry: _Entry) -> Manifest:
             layout = self._layout(entry)
             wanted = wanted_entries(layout, tensor_name, prefix, select)
             keys = list(layout.storages) if wanted is None else keys_of(wanted)
@@ -204,17 +218,21 @@ class Cache:
                 fresh = self._place_on_gpu(entry, layout, uuid, gpu_keys) or fresh
             self._count(entry, fresh)
             lease = self.leases.create(entry.id, session)
-            manifest = self._manifest(entry, layout, [k for k in keys if k not in on_gpu], lease.id, gpu)
+            return self._manifest(entry, layout, [k for k in keys if k not in on_gpu], lease.id, gpu)
+
+        manifest = self._with_entry(path, load_entry)
         self._observe(started)
         return manifest
 
     def prefetch(self, path: str) -> CheckpointInfo:
         """Make every storage of ``path`` resident, with no lease (the next load is a hit)."""
-        entry = self._entry_for(path)
-        with entry.lock, self._forget_on_failure(entry):
+
+        def prefetch_entry(entry: _Entry) -> CheckpointInfo:
             layout = self._layout(entry)
             self._count(entry, self._make_resident(entry, layout, list(layout.storages)))
-        return self._info(entry)
+            return self._info(entry)
+
+        return self._with_entry(path, prefetch_entry)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every cached checkpoint, most recently used first."""
@@ -233,6 +251,8 @@ class Cache:
             info = self._info(entry)
             if info.leases:
                 raise CheckpointBusyError(f"{entry.path}: {info.leases} lease(s) hold it; it is evicted once released")
+            if entry.lock.locked():  # dropping it now would leave the load's arena to no one
+                raise CheckpointBusyError(f"{entry.path}: a load is reading it right now; evict it once that is done")
             self._drop(entry)
             self._evictions += 1
         if self._metrics:
@@ -338,6 +358,32 @@ class Cache:
 
     # --- entries --------------------------------------------------------------------
 
+    def _with_entry(self, path: str, work: Callable[[_Entry], _T]) -> _T:
+        """Run ``work`` on the current entry of ``path`` under its lock (single flight).
+
+        An entry dropped or retired while this request waited for its lock is left for the
+        current one; a read the file changed under is thrown away and done again on the
+        file as it is now (``_ATTEMPTS`` in all). A failed first load leaves no trace.
+        """
+        changed: _FileChangedError | None = None
+        for _ in range(_ATTEMPTS):
+            entry = self._entry_for(path)
+            try:
+                with entry.lock:
+                    if entry.dropped or entry.stale:
+                        continue
+                    with self._forget_on_failure(entry):
+                        return work(entry)
+            except _FileChangedError as exc:
+                logger.info("%s changed while being read; reading it again", entry.path)
+                changed = exc
+            finally:
+                self._forget_if_stale(entry.id)  # retired while this load held it: its turn now
+        if changed is not None:
+            raise CheckpointError(path, f"changed on disk during {_ATTEMPTS} reads in a row; nothing was cached or returned. "
+                                  "Load it again once it is completely written") from changed
+        raise CheckpointError(path, "was replaced again and again while being loaded; load it again once it settles")
+
     def _entry_for(self, path: str) -> _Entry:
         real, identity = self._resolve(path)
         with self._lock:
@@ -382,7 +428,7 @@ class Cache:
             raise CheckpointError(path, f"cannot stat: {exc.strerror}") from exc
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(path, "is not a regular file")
-        return real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return real, _identity(st)
 
     def _inside_roots(self, path: str, real: str) -> str:
         if not any(Path(real).is_relative_to(root) for root in self._roots):
@@ -393,8 +439,11 @@ class Cache:
     def _layout(self, entry: _Entry) -> Layout:
         if entry.layout is None:
             with open_source(entry.path) as source:
+                self._check_unchanged(entry, source.fileno())
                 # the scan's object record is the client's to rebuild from; not kept while cached
-                entry.layout = replace(read_layout(source), scanned=None)
+                layout = replace(read_layout(source), scanned=None)
+                self._check_unchanged(entry, source.fileno())  # not a structure torn by a writer
+            entry.layout = layout
         return entry.layout
 
     def _make_resident(self, entry: _Entry, layout: Layout, keys: list[str]) -> bool:
@@ -433,29 +482,43 @@ class Cache:
             with open_source(entry.path) as source:
                 self._check_unchanged(entry, source.fileno())
                 storages = read_storages(source, layout, keys, "cpu", allocator=allocate)
+                self._check_unchanged(entry, source.fileno())  # a writer may have torn what was read
+            with self._lock:
+                if entry.dropped:  # only close() drops an entry a load holds
+                    raise DaemonError(f"{entry.path}: the cache was closed while the checkpoint was read")
+                for arena in storages.arenas:  # one: every storage goes to host memory
+                    arena_id = os.path.basename(arena.path or "")
+                    entry.arenas[arena_id] = arena
+                    base = arena.storage.data_ptr()
+                    for key, view in storages.views.items():
+                        entry.placements[key] = Placement(key, arena_id, view.data_ptr() - base, view.nbytes())
         except BaseException:
             for arena in created:  # a failed read leaves no file behind in shared memory
                 arena.unlink()
                 arena.close()
             raise
-        for arena in storages.arenas:  # one: every storage goes to host memory
-            arena_id = os.path.basename(arena.path or "")
-            entry.arenas[arena_id] = arena
-            base = arena.storage.data_ptr()
-            for key, view in storages.views.items():
-                entry.placements[key] = Placement(key, arena_id, view.data_ptr() - base, view.nbytes())
         nbytes = sum(layout.storages[k].nbytes for k in keys)
         if self._metrics:
             self._metrics.read(nbytes)
         logger.info("read %d storages (%d bytes) of %s", len(keys), nbytes, entry.path)
 
     def _check_unchanged(self, entry: _Entry, fd: int | None) -> None:
-        """The file opened must still be the one identified (it may be replaced at any time)."""
-        if fd is None:
+        """The file opened, and the one the path names now, must still be the one identified
+        (either may change at any time); if not, the entry is retired and the load retried."""
+        opened: Identity | None = None
+        named: Identity | None = None
+        try:
+            opened = _identity(os.fstat(fd)) if fd is not None else entry.identity
+            named = _identity(os.stat(entry.path))
+        except OSError as exc:  # gone: as changed as it gets
+            logger.info("%s: cannot stat: %s", entry.path, exc)
+        if opened == entry.identity and named == entry.identity:
             return
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != entry.identity:
-            raise CheckpointError(entry.path, "changed while being loaded; retry the load")
+        with self._lock:
+            entry.stale = True
+            if self._current.get(entry.path) == entry.id:
+                del self._current[entry.path]
+        raise _FileChangedError(entry.path, "changed while being read")
 
     def _manifest(self, entry: _Entry, layout: Layout, keys: list[str], lease: str, gpu: Mapping[str, list[str]]) -> Manifest:
         placements = [entry.placements[k] for k in keys if k in entry.placements]
@@ -559,15 +622,17 @@ class Cache:
             return sum(self._unreclaimed.values())
 
     def _forget_if_stale(self, checkpoint: str) -> None:
+        """Drop a retired entry that no lease holds and no load is using (the load drops it after)."""
         with self._lock:
             entry = self._entries.get(checkpoint)
-            if entry is not None and entry.stale and not self.leases.count(entry.id):
+            if entry is not None and entry.stale and not self.leases.count(entry.id) and not entry.lock.locked():
                 self._drop(entry)
 
     def _drop(self, entry: _Entry) -> None:
         """Unlink the entry's arenas (clients' mappings stay valid) and forget it."""
         if entry.nbytes and entry.id in self.leases.lapsed_checkpoints():
             self._unreclaimed[entry.id] = self._unreclaimed.get(entry.id, 0) + entry.nbytes
+        entry.dropped = True
         for arena in entry.arenas.values():
             arena.unlink()
             arena.close()
@@ -618,6 +683,16 @@ class Cache:
                     self._metrics.gpu_evicted(self._tier.evictions - self._gpu_evictions_reported)
                     self._gpu_evictions_reported = self._tier.evictions
             self._metrics.set_leases(self.leases.total())
+
+
+class _FileChangedError(CheckpointError):
+    """The checkpoint's file changed while it was being read: what was read is thrown away."""
+
+
+def _identity(st: os.stat_result) -> Identity:
+    """What makes a file the same file: replaced (inode), resized, rewritten (mtime), or
+    rewritten with its mtime put back (ctime, which no user can set)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _entry_id(path: str, identity: Identity) -> str:

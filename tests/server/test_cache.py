@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import threading
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import ckptd
 from ckptd._manifest import Manifest
+from ckptd.server import _cache as cache_module
 from ckptd.server._cache import Cache
 
 MB = 1 << 20
@@ -301,3 +304,249 @@ def test_a_model_directory_is_its_checkpoint_and_stays_inside_the_roots(tmp_path
     (root / "empty").mkdir()
     with pytest.raises(ckptd.CheckpointError, match="not a regular file"):
         cache.load(str(root / "empty"))
+
+
+# --- an entry's life while it is being read (issue 12: 1, 2, 5) ---------------------------
+
+
+class _ReadGate:
+    """Holds the cache's first storage read until :meth:`open` (a first load caught mid-read);
+    ``during`` runs inside that read, before the bytes are read."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, during: Callable[[], None] | None = None) -> None:
+        self.reading = threading.Event()
+        self._go = threading.Event()
+        self.calls = 0
+        real = cache_module.read_storages
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                self.reading.set()
+                assert self._go.wait(10), "the test never let the read go on"
+            if during is not None:
+                during()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cache_module, "read_storages", held)
+
+    def open(self) -> None:
+        self._go.set()
+
+
+def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``work`` in a thread; its result (or exception) lands in the returned list."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(work())
+        except BaseException as exc:  # noqa: BLE001  (the test inspects it)
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _shm_bytes(tmp_path: Path) -> int:
+    """What the cache's arenas really take in shared memory."""
+    return sum(p.stat().st_size for p in (tmp_path / "shm").iterdir())
+
+
+def _assert_no_leak(cache: Cache, tmp_path: Path) -> None:
+    """Every byte in shared memory is an arena stats, ls and the budget know about."""
+    listed = sum(c.resident_bytes["cpu"] for c in cache.checkpoints())
+    assert _shm_bytes(tmp_path) == cache.stats()["resident_bytes"]["cpu"] == listed
+
+
+def _placed_bytes(manifest: Manifest) -> dict[str, bytes]:
+    return {p.key: _arena_bytes(manifest, p.key) for p in manifest.placements}
+
+
+def _expected_bytes(sd: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    return {str(i): sd[f"layer{i}"].numpy().tobytes() for i in range(len(sd))}
+
+
+def _other_version(tmp_path: Path, mb: int, seed: int) -> tuple[dict[str, torch.Tensor], bytes]:
+    """Another checkpoint of the same size as ``m.pt`` (torch.save names the archive after the file)."""
+    (tmp_path / "next").mkdir(exist_ok=True)
+    sd = _save(tmp_path / "next" / "m.pt", mb, seed)
+    return sd, (tmp_path / "next" / "m.pt").read_bytes()
+
+
+def _next_ctime_tick(tmp_path: Path, after_ns: int) -> None:
+    """Wait until a file changed now gets a ctime later than ``after_ns`` (ctimes move in clock
+    ticks: a change within the tick of the last one would look like no change)."""
+    probe = tmp_path / "ctime-probe"
+    while True:
+        probe.write_bytes(b"x")
+        if probe.stat().st_ctime_ns > after_ns:
+            return
+
+
+def test_evicting_a_checkpoint_during_its_first_load_is_refused_and_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = _save(tmp_path / "m.pt", 4)
+    cache = Cache(_settings(tmp_path), None)
+    gate = _ReadGate(monkeypatch)
+    thread, out = _in_thread(lambda: cache.load(str(tmp_path / "m.pt")))
+    assert gate.reading.wait(10)
+    with pytest.raises(ckptd.CheckpointBusyError, match="load is reading it"):
+        cache.evict(str(tmp_path / "m.pt"))
+    gate.open()
+    thread.join()
+    (manifest,) = out
+    assert _placed_bytes(manifest) == _expected_bytes(sd)
+    _assert_no_leak(cache, tmp_path)
+    assert _shm_bytes(tmp_path) >= 4 * MB
+    cache.release(manifest.lease)
+    cache.evict(str(tmp_path / "m.pt"))
+    assert _shm_bytes(tmp_path) == 0 and cache.stats()["resident_bytes"]["cpu"] == 0
+
+
+def test_a_load_waiting_on_an_entry_its_first_load_dropped_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load fails and drops its entry while a second waits for that entry's lock:
+    the second must not fill the dropped entry (an arena nothing would ever free)."""
+    sd = _save(tmp_path / "m.pt", 2)
+    cache = Cache(_settings(tmp_path), None)
+    second_has_entry = threading.Event()
+    real_entry_for, real_read = cache._entry_for, cache_module.read_storages
+    calls = {"entry": 0, "read": 0}
+
+    def entry_for(path: str) -> Any:
+        entry = real_entry_for(path)
+        calls["entry"] += 1
+        if calls["entry"] == 2:
+            second_has_entry.set()
+        return entry
+
+    def read(*args: Any, **kwargs: Any) -> Any:
+        calls["read"] += 1
+        if calls["read"] == 1:
+            assert second_has_entry.wait(10)
+            raise ckptd.CheckpointError("m.pt", "injected read failure")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_entry_for", entry_for)
+    monkeypatch.setattr(cache_module, "read_storages", read)
+    first, first_out = _in_thread(lambda: cache.load(str(tmp_path / "m.pt")))
+    second, second_out = _in_thread(lambda: cache.load(str(tmp_path / "m.pt")))
+    first.join()
+    second.join()
+    assert isinstance(first_out[0], ckptd.CheckpointError)
+    (manifest,) = second_out
+    assert _placed_bytes(manifest) == _expected_bytes(sd)
+    _assert_no_leak(cache, tmp_path)
+    cache.release(manifest.lease)
+    cache.evict(manifest.checkpoint)
+    assert _shm_bytes(tmp_path) == 0
+
+
+def test_replacing_the_file_during_its_first_load_leaks_nothing_and_serves_the_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.pt"
+    _save(path, 4, seed=1)
+    cache = Cache(_settings(tmp_path), None)
+    gate = _ReadGate(monkeypatch)
+    thread, out = _in_thread(lambda: cache.load(str(path)))
+    assert gate.reading.wait(10)
+    new_sd = _save(tmp_path / "new.pt", 4, seed=2)
+    os.replace(tmp_path / "new.pt", path)
+    second = cache.load(str(path))  # retires the entry being loaded
+    assert _placed_bytes(second) == _expected_bytes(new_sd)
+    gate.open()
+    thread.join()
+    (first,) = out
+    assert _placed_bytes(first) == _expected_bytes(new_sd)  # the read of the old file was thrown away
+    _assert_no_leak(cache, tmp_path)
+    for manifest in (first, second):
+        cache.release(manifest.lease)
+    assert len(cache.checkpoints()) == 1
+    cache.evict(str(path))
+    assert _shm_bytes(tmp_path) == 0 and cache.stats()["resident_bytes"]["cpu"] == 0
+
+
+def test_an_in_place_rewrite_that_restores_the_mtime_is_not_served_stale(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    _save(path, 2, seed=1)
+    before = os.stat(path)
+    cache = Cache(_settings(tmp_path), None)
+    cache.release(cache.load(str(path)).lease)
+    new_sd, new_bytes = _other_version(tmp_path, 2, seed=2)
+    assert len(new_bytes) == before.st_size
+    _next_ctime_tick(tmp_path, before.st_ctime_ns)
+    with open(path, "r+b") as f:  # same inode, same size
+        f.write(new_bytes)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the mtime put back
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    manifest = cache.load(str(path))
+    assert _placed_bytes(manifest) == _expected_bytes(new_sd)
+
+
+def _overwriter(path: Path, contents: list[bytes], tmp_path: Path) -> Callable[[], None]:
+    """Inside a read: rewrite ``path`` in place (mtime restored) with the next of ``contents``."""
+    turn = [0]
+
+    def overwrite() -> None:
+        if turn[0] >= len(contents):
+            return
+        st = os.stat(path)
+        _next_ctime_tick(tmp_path, st.st_ctime_ns)
+        with open(path, "r+b") as f:
+            f.write(contents[turn[0]][: len(contents[turn[0]]) // 2])  # a writer halfway through
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        turn[0] += 1
+
+    return overwrite
+
+
+def test_a_read_torn_by_an_overwrite_is_neither_cached_nor_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.pt"
+    _save(path, 4, seed=1)
+    new_sd, new_bytes = _other_version(tmp_path, 4, seed=2)
+    assert len(new_bytes) == path.stat().st_size
+    cache = Cache(_settings(tmp_path), None)
+    cache.release(cache.load(str(path), tensor_name="layer0").lease)  # layout and identity known
+    cache.evict(str(path))
+    half = _overwriter(path, [new_bytes], tmp_path)
+
+    def finish_writing() -> None:  # the second read sees the writer done
+        path.write_bytes(new_bytes)
+
+    cache_calls = [half, finish_writing]
+    monkeypatch.setattr(cache_module, "read_storages", _calling_first(cache_calls, cache_module.read_storages))
+    manifest = cache.load(str(path))
+    assert _placed_bytes(manifest) == _expected_bytes(new_sd)
+    assert len(cache.checkpoints()) == 1
+    _assert_no_leak(cache, tmp_path)
+
+
+def test_a_file_that_keeps_changing_under_every_read_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.pt"
+    _save(path, 2, seed=1)
+    others = [_other_version(tmp_path, 2, seed)[1] for seed in (2, 3, 4)]
+    cache = Cache(_settings(tmp_path), None)
+    monkeypatch.setattr(cache_module, "read_storages", _calling_first([_overwriter(path, others, tmp_path)] * 3,
+                                                                      cache_module.read_storages))
+    with pytest.raises(ckptd.CheckpointError, match="changed on disk") as exc:
+        cache.load(str(path), tensor_name="layer0")
+    assert "m.pt" in str(exc.value)
+    assert cache.checkpoints() == [] and _shm_bytes(tmp_path) == 0
+
+
+def _calling_first(befores: list[Callable[[], None]], real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, calling the next of ``befores`` before each call (none once they run out)."""
+    queue = list(befores)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if queue:
+            queue.pop(0)()
+        return real(*args, **kwargs)
+
+    return wrapped
