@@ -116,9 +116,14 @@ def _modes_active() -> bool:
 
 # Opcodes of fixed length that torch's restricted unpickler (torch/_weights_only_unpickler.py)
 # accepts, matched in runs at C speed: no-argument ones, then 1-, 2-, 4- and 8-byte arguments.
+# Strings shorter than 128 bytes (BINUNICODE, SHORT_BINSTRING) are matched too, one branch
+# per length (the engine skips a branch on its first byte): names and keys stay in the run.
 _NO_ARG = re.escape(b"\x81RbaesutN\x85\x86\x87\x89\x88)]}\x8fQ(")
+_SHORT_TEXT = b"|".join(re.escape(bytes([n])) + b"\\x00\\x00\\x00" + b".{%d}" % n for n in range(128))
+_SHORT_BYTES = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(128))
 _FIXED_RUN = re.compile(
-    b"(?:[" + _NO_ARG + b"]|[Khq].|M..|[Jjr]....|G........)*", re.DOTALL
+    b"(?:[" + _NO_ARG + b"]|[Khq].|M..|[Jjr]....|G........|X(?:" + _SHORT_TEXT + b")|U(?:" + _SHORT_BYTES + b"))*+",
+    re.DOTALL,
 )
 _BINUNICODE, _SHORT_BINSTRING, _LONG1, _GLOBAL, _PROTO, _STOP = b"XU\x8ac\x80."
 _STORAGE_CLASSES = frozenset(f"{name}Storage" for name in (
@@ -258,11 +263,22 @@ class _Builder:
 
     def _hooks(self, hooks: Any) -> OrderedDict[Any, Any]:
         """The (empty) backward-hooks OrderedDict torch saves with every tensor."""
-        if type(hooks) is not Call or hooks.args not in ((), ([],)) or hooks.items:
-            raise _NotPlain  # ([],): Python 2-era picklers wrote OrderedDict([])
-        built = self.build(hooks, 0)
-        if type(built) is not OrderedDict or built or built.__dict__:
+        found = self.memo.get(id(hooks))
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        if (
+            type(hooks) is not Call
+            or type(hooks.func) is not Global
+            or (hooks.func.module, hooks.func.name) != _ORDERED_DICT
+            or hooks.args not in ((), ([],))  # ([],): Python 2-era picklers wrote OrderedDict([])
+            or hooks.items
+            or hooks.appended
+            or hooks.built
+        ):
             raise _NotPlain
+        self.calls += 1
+        built: OrderedDict[Any, Any] = OrderedDict()
+        self.memo[id(hooks)] = built
         return built
 
     def _tensor(self, call: Call) -> torch.Tensor:

@@ -48,6 +48,7 @@ class StorageSet:
     placed: frozenset[str] = frozenset()  # views already on their device (the daemon's GPU arenas)
 
     _pending: Future[None] | None = None
+    _targets: dict[str, tuple[str | None, torch.device | None]] = field(default_factory=dict)
 
     def start(self, job: Callable[[], None]) -> None:
         """Run ``job`` (the reads) on a background thread; :meth:`wait` joins it."""
@@ -68,6 +69,14 @@ class StorageSet:
         named = {key for entry in self.layout.tensors for key in entry.storage_keys}
         return frozenset(named - unsafe)
 
+    def _target(self, location: str) -> tuple[str | None, torch.device | None]:
+        """Where ``map_location`` sends storages saved at ``location`` (worked out once per location)."""
+        found = self._targets.get(location)
+        if found is None:
+            tag = target_tag(self.map_location, location)
+            found = self._targets[location] = (tag, None if tag is None else device_for_tag(tag))
+        return found
+
     def get(self, key: str, location: str) -> torch.UntypedStorage:
         """The final storage for ``key`` (saved at ``location``), as torch's restore would give it.
 
@@ -83,12 +92,12 @@ class StorageSet:
             return view
         if view is None:  # nothing was read: an empty storage, or a meta target
             view = torch.UntypedStorage(record.nbytes, device=_META if record.nbytes else _CPU)
-        tag = target_tag(self.map_location, location)
-        if tag is None or view.device != device_for_tag(tag):
+        tag, device = self._target(location)
+        if tag is None or view.device != device:
             self.wait()  # the callable, or the copy to another device, needs the bytes
         if tag is None:
             return apply_callable(self.map_location, view, location)  # type: ignore[arg-type]
-        if view.device != device_for_tag(tag):
+        if view.device != device:
             return restore(view, tag)  # staged through the CPU (big-endian files, mmap)
         return view
 

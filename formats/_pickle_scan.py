@@ -292,7 +292,12 @@ def _storage_class_dtype(name: str) -> torch.dtype | None:
 
 def _storage_refs(pids: list[Any], name: str) -> dict[str, StorageRef]:
     refs: dict[str, StorageRef] = {}
+    first: dict[str, tuple[Any, ...]] = {}
     for pid in pids:
+        if type(pid) is tuple and len(pid) == 5 and type(pid[2]) is str:
+            if first.get(pid[2]) == pid:
+                continue  # the same storage named again (a tie, a view): nothing new to check
+            first.setdefault(pid[2], pid)
         ref = _storage_ref(pid, name)
         if ref is None:
             continue
@@ -304,6 +309,10 @@ def _storage_refs(pids: list[Any], name: str) -> dict[str, StorageRef]:
 
 def _storage_ref(pid: Any, name: str) -> StorageRef | None:
     """Decode ``('storage', type, key, location, numel[, view])``; other ids give ``None``."""
+    if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str and type(pid[3]) is str:
+        numel = pid[4]
+        if type(numel) is int and numel >= 0:  # torch.save's own ids: nothing to decode
+            return StorageRef(pid[2], storage_dtype(pid[1], name), numel, pid[3])
     if not isinstance(pid, tuple) or not pid:
         raise CheckpointError(name, f"persistent id {pid!r} is not a tuple")
     kind = _text(pid[0])
@@ -349,20 +358,19 @@ def _is_tensor_call(obj: Any) -> bool:
 _MAX_NAMES_PER_OBJECT = 8
 
 
-@dataclass(frozen=True)
-class _PathNode:
-    """A path as a chain of (parent, key): extending it is O(1), however deep the nesting."""
+# A path is a chain of (parent, key) pairs: extending it is O(1), however deep the nesting.
+_Path = tuple[Any, Any] | None
 
-    parent: _PathNode | None
-    key: str | int
 
-    def parts(self) -> tuple[str | int, ...]:
-        parts: list[str | int] = []
-        node: _PathNode | None = self
-        while node is not None:
-            parts.append(node.key)
-            node = node.parent
-        return tuple(reversed(parts))
+def _parts(node: _Path) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    while node is not None:
+        node, key = node
+        parts.append(key)
+    return tuple(reversed(parts))
+
+
+_LEAVE = object()  # on the walk's stack: the end of a container's expansion
 
 
 def _named_tensors(root: Any, storages: dict[str, StorageRef]) -> Iterator[TensorEntry]:
@@ -372,36 +380,29 @@ def _named_tensors(root: Any, storages: dict[str, StorageRef]) -> Iterator[Tenso
     cycles, deep nesting and shared sub-trees cost linear work. A tensor reachable under
     two names (a shared submodule) is yielded under both.
     """
-    todo: list[tuple[_PathNode | None, Any]] = [(None, root)]
+    todo: list[tuple[Any, Any]] = [(None, root)]
     expanded: dict[int, int] = {}
     on_path: set[int] = set()  # containers being expanded above the current one: a cycle
     while todo:
         node, obj = todo.pop()
         kind = type(obj)
-        if kind is _Leave:
-            on_path.discard(obj.ident)
+        if node is _LEAVE:
+            on_path.discard(obj)
         elif kind not in _CONTAINERS:
             continue  # atoms, stubs, persistent ids: nothing named below
         elif kind is Call and _is_tensor_call(obj):
-            entry = _tensor_entry(node.parts() if node else (), obj, storages)
+            entry = _tensor_entry(_parts(node), obj, storages)
             if entry is not None:
                 yield entry
         elif id(obj) not in on_path and expanded.get(id(obj), 0) < _MAX_NAMES_PER_OBJECT:
-            expanded[id(obj)] = expanded.get(id(obj), 0) + 1
-            on_path.add(id(obj))
-            todo.append((None, _Leave(id(obj))))
-            for key, child in reversed(list(_children(obj))):
-                todo.append((_PathNode(node, key), child))
+            ident = id(obj)
+            expanded[ident] = expanded.get(ident, 0) + 1
+            on_path.add(ident)
+            todo.append((_LEAVE, ident))
+            todo.extend([((node, key), child) for key, child in reversed(list(_children(obj)))])
 
 
 _CONTAINERS = frozenset({dict, list, tuple, Call})
-
-
-@dataclass(frozen=True)
-class _Leave:
-    """Marks, on the walk's stack, the end of a container's expansion."""
-
-    ident: int
 
 
 # Globals whose call builds a mapping from ``args[0]`` (a list of pairs, or a dict): how
