@@ -70,7 +70,7 @@ def rebuild_plain(
     assert layout.pickle is not None
     scanned: ScanResult | None = layout.scanned
     if scanned is None:
-        scanned = scan(layout.pickle, layout.name)
+        scanned = scan(layout.pickle, layout.name, names=False)  # a layout from the daemon's manifest
     if not scanned.utf8:
         return None
     with no_gc():

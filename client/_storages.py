@@ -146,7 +146,7 @@ def read_storages(
     swap = layout.byteorder != sys.byteorder
     if mmap:
         _map_file(source, records, result)
-        jobs: list[tuple[Arena, list[Copy]]] = []
+        jobs: list[tuple[Arena, list[Copy], int]] = []
     else:
         groups = _group_by_device(records, map_location, swap)
         jobs = [_place_group(allocator, device, group, result) for device, group in groups.items()]
@@ -154,12 +154,12 @@ def read_storages(
     deflated = [r for r in records if r.compressed_size is not None and r.key in result.views]
 
     if skip_data:
-        jobs, deflated, swapped = [(arena, []) for arena, _ in jobs], [], []
+        jobs, deflated, swapped = [(arena, [], 0) for arena, _, _ in jobs], [], []
 
     def finish() -> None:
-        for arena, copies in jobs:
+        for arena, copies, useful in jobs:
             try:
-                fill(source, arena, copies, progress=progress, **tunables)
+                fill(source, arena, copies, progress=_in_storage_bytes(progress, copies, useful), **tunables)
             finally:
                 if not keep_open:
                     arena.close()  # tensors keep the mapping; the descriptor is not needed in-process
@@ -173,6 +173,23 @@ def read_storages(
     else:
         result.start(finish)
     return result
+
+
+def _in_storage_bytes(progress: Callable[[int], None] | None, copies: list[Copy], useful: int) -> Callable[[int], None] | None:
+    """``progress`` counted in storage bytes, though a copy may span the bytes between storages."""
+    span = sum(copy.nbytes for copy in copies)
+    if progress is None or span == useful or span == 0:
+        return progress
+    done = [0, 0]  # span bytes read, storage bytes reported
+
+    def report(nbytes: int) -> None:
+        done[0] += nbytes
+        target = done[0] * useful // span
+        step, done[1] = target - done[1], target
+        if step:
+            progress(step)
+
+    return report
 
 
 def _group_by_device(
@@ -194,8 +211,9 @@ def _group_by_device(
 
 def _place_group(
     allocator: Callable[[torch.device, int], Arena], device: torch.device, records: list[StorageRecord], result: StorageSet
-) -> tuple[Arena, list[Copy]]:
-    """Lay ``records`` out in one new arena, hand out each storage's view; return what to copy where.
+) -> tuple[Arena, list[Copy], int]:
+    """Lay ``records`` out in one new arena, hand out each storage's view; return what to copy
+    where, and how many storage bytes those copies carry.
 
     Storages that lie close together in the file are laid out as the file has them and
     read as one span (the few bytes between them come along): a checkpoint of 20,000
@@ -205,13 +223,14 @@ def _place_group(
     offsets, span = pack(run.nbytes for run in runs)
     arena = allocator(device, span)
     result.arenas.append(arena)
-    copies = []
+    copies, useful = [], 0
     for run, offset in zip(runs, offsets):
         for record in run.records:
             result.views[record.key] = arena.view(offset + record.offset - run.start, record.nbytes)
         if run.copied:
             copies.append(Copy(run.start, offset, run.nbytes))
-    return arena, copies
+            useful += sum(record.nbytes for record in run.records)
+    return arena, copies, useful
 
 
 # Storages at most this many bytes apart in the file are read as one span: zip local headers

@@ -225,8 +225,11 @@ _MALFORMED = (
 )
 
 
-def scan(data: bytes | memoryview, name: str, *, start: int = 0) -> ScanResult:
+def scan(data: bytes | memoryview, name: str, *, start: int = 0, names: bool = True) -> ScanResult:
     """Interpret the pickle at ``data[start:]`` without running it.
+
+    ``names=False`` records the object only (no storage table, no named tensors): what a
+    rebuild from the record needs.
 
     >>> import pickle
     >>> scan(pickle.dumps({"a": 1}), "x").root
@@ -242,8 +245,8 @@ def scan(data: bytes | memoryview, name: str, *, start: int = 0) -> ScanResult:
                 root, recorder, end = _run(data, name, start, "latin-1")
             except UnicodeDecodeError as exc:  # a text opcode that is not UTF-8 either
                 raise CheckpointError(name, f"malformed pickle ({exc})") from exc
-        storages = _storage_refs(recorder.persistent_ids, name)
-        tensors = list(_named_tensors(root, storages))
+        storages = _storage_refs(recorder.persistent_ids, name) if names else {}
+        tensors = list(_named_tensors(root, storages)) if names else []
     return ScanResult(root, storages, tensors, end, utf8, recorder.tally[0], recorder.persistent_ids)
 
 

@@ -232,3 +232,26 @@ def test_opcode_check() -> None:
     assert not plain_opcodes(b"\x80\x02K\x01")  # no STOP
     assert not plain_opcodes(b"\x80\x02X\xff\xff\x00\x00ab.")  # a string past the end
     assert not plain_opcodes(b"\x80\x02K\x01K\x020.")  # POP: torch's restricted unpickler refuses it
+
+
+# --- through the daemon -------------------------------------------------------------------
+
+
+def test_through_the_daemon(tmp_path_factory: pytest.TempPathFactory, taken: list[bool]) -> None:
+    """A worker rebuilds from the manifest's pickle with the plain rebuild too: same object, shared arena."""
+    from ckptd_testlib import daemon_in
+
+    for daemon in daemon_in(tmp_path_factory.mktemp("plain-daemon")):
+        base = torch.arange(12.0).reshape(3, 4)
+        sd = torch.nn.Sequential(torch.nn.Linear(2, 3)).state_dict()
+        obj = {"sd": sd, "base": base, "row": base[1], "tied": base, "p": torch.nn.Parameter(torch.ones(2))}
+        path = daemon.root / "plain.pt"
+        torch.save(obj, path)
+        with ckptd.Client(daemon.url) as client:
+            got = client.load(path)
+            assert_same(torch.load(path), got)
+            assert taken == [True]
+            assert got["sd"]._metadata == sd._metadata and got["tied"] is got["base"]
+            again = client.load(path)  # warm: the same arena, mapped once
+            assert again["base"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
+            assert taken == [True, True]

@@ -51,3 +51,13 @@ def test_selective_load_of_every_other_tensor(tmp_path: Path) -> None:
     torch.save(state, path)
     names = list(state)[::2]
     assert_same({name: state[name] for name in names}, ckptd.load(path, select=names))
+
+
+def test_progress_counts_storage_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "moe.pt"
+    torch.save(_small_tensors(200), path)
+    layout = read_layout(open_source(path))
+    seen: list[int] = []
+    with open_source(path) as source:
+        read_storages(source, layout, layout.storages, "cpu", progress=seen.append)
+    assert sum(seen) == layout.nbytes  # not the zip headers read along with them
