@@ -233,9 +233,12 @@ def _place_group(
     return arena, copies, useful
 
 
-# Storages at most this many bytes apart in the file are read as one span: zip local headers
-# (and torch's 64-byte alignment padding) between two storages are a few hundred bytes.
+# Small storages at most this many bytes apart in the file are read as one span: zip local
+# headers (and torch's 64-byte alignment padding) between two storages are a few hundred
+# bytes. Storages of _MERGE_BELOW bytes or more are read on their own, as the file has them:
+# for those a read's overhead is already small beside its bytes.
 _MERGE_GAP = 512
+_MERGE_BELOW = 64 << 10
 _ALIGNED = 64
 
 
@@ -252,7 +255,8 @@ class _Run:
         """Whether ``record`` joins this run (aligned as in the file, close enough, read plainly)."""
         gap = record.offset - (self.start + self.nbytes)
         aligned = self.start % _ALIGNED == 0 and record.offset % _ALIGNED == 0  # the arena keeps each storage aligned
-        return self.copied and record.compressed_size is None and aligned and 0 <= gap <= _MERGE_GAP
+        small = record.nbytes < _MERGE_BELOW and self.records[-1].nbytes < _MERGE_BELOW
+        return self.copied and record.compressed_size is None and aligned and small and 0 <= gap <= _MERGE_GAP
 
 
 def _runs(records: list[StorageRecord]) -> list[_Run]:

@@ -61,3 +61,10 @@ def test_progress_counts_storage_bytes(tmp_path: Path) -> None:
     with open_source(path) as source:
         read_storages(source, layout, layout.storages, "cpu", progress=seen.append)
     assert sum(seen) == layout.nbytes  # not the zip headers read along with them
+
+
+def test_big_storages_are_read_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "big.pt"
+    torch.save({"a": torch.ones(1 << 15), "b": torch.zeros(1 << 15), "c": torch.ones(3)}, path)  # 128 KiB each
+    records = list(read_layout(open_source(path)).storages.values())
+    assert len(_runs(records)) == 3  # no bytes between storages read for them
