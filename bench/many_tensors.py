@@ -97,10 +97,11 @@ def run(sizes: list[int], rounds: int, folder: Path, methods: tuple[str, ...]) -
 
 
 def markdown(results: dict[int, dict[str, list[float]]], rounds: int, note: str) -> str:
+    flags = " --daemon" if any(DAEMON in times for times in results.values()) else ""
     lines = [
         f"# Many small tensors: fresh-process loads ({dt.date.today().isoformat()})",
         "",
-        f"Command: `.venv/bin/python bench/many_tensors.py --rounds {rounds}`; {platform.processor() or platform.machine()}, "
+        f"Command: `.venv/bin/python bench/many_tensors.py --rounds {rounds}{flags}`; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}. Medians of {rounds} rounds, seconds from path to object, "
         "file in the page cache, each load in a fresh process. " + note,
         "",
