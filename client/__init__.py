@@ -20,7 +20,6 @@ tensor([0., 0., 0.])
 
 from __future__ import annotations
 
-import importlib
 import typing
 
 from ._exceptions import (
@@ -46,6 +45,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._settings import settings
+from ckptd.formats import lazy_attributes as _lazy_attributes
 
 if typing.TYPE_CHECKING:
     from ._api import jit_load, load
@@ -100,15 +100,5 @@ _LAZY = {
     "meta_parameters": "._load_into",
 }
 
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY, __all__)
 
-def __getattr__(name: str) -> typing.Any:
-    """Import the module that defines ``name`` on its first use (torch comes with it)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})

@@ -19,6 +19,7 @@ The public surface (``__all__``; everything else is private):
 * Hugging Face shard indexes: :func:`is_sharded_index`, :func:`read_sharded_index`,
   :class:`ShardedIndex`; a model directory's checkpoint file, :func:`checkpoint_in_directory`
   (the names it looks for, in order: :data:`HF_CHECKPOINT_FILES`);
+* :func:`lazy_attributes`, how ckptd's packages import torch-needing names on first use;
 * the root of ckptd's exception tree, :class:`CkptdError`, and the reading errors
   (:class:`CheckpointError`, :class:`UnsupportedFormatError`,
   :class:`CheckpointNotFoundError`, :class:`NotFileLikeError`, :class:`NotSeekableError`,
@@ -36,10 +37,10 @@ Importing it is torch-free (the readers import torch on first use).
 
 from __future__ import annotations
 
-import importlib
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_attributes
 from ._errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -66,18 +67,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines ``name`` on its first use."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
 __all__ = [
     "Call",
     "CheckpointError",
@@ -103,6 +92,7 @@ __all__ = [
     "default_load_byteorder",
     "inflate_storage",
     "is_sharded_index",
+    "lazy_attributes",
     "no_gc",
     "open_source",
     "read_layout",
@@ -112,6 +102,8 @@ __all__ = [
     "storage_dtype",
     "validate",
 ]
+
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY, __all__)
 
 _PICKLE_PROTO = 0x80
 

@@ -30,8 +30,9 @@ b'xyz'
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ckptd.formats import lazy_attributes as _lazy_attributes
 
 from ._errors import DeviceError
 
@@ -50,18 +51,6 @@ _LAZY = {
     **dict.fromkeys(("DEFAULT_CHUNK_BYTES", "DEFAULT_THREADS", "Copy", "chunks", "fill", "fill_device"), "._reader"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    """Import the module that defines ``name`` on its first use."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
 
 
 __all__ = [
@@ -90,3 +79,5 @@ __all__ = [
     "pack",
     "shm_arena",
 ]
+
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY, __all__)
