@@ -57,10 +57,10 @@ def child(method: str, path: str) -> None:
     import torch
 
     import ckptd
-    import ckptd._load
+    import ckptd.engine._load
 
     if method == "ckptd.load, torch unpickler":
-        ckptd._load.rebuild_plain = lambda *args, **kwargs: None  # type: ignore[assignment]
+        ckptd.engine._load.rebuild_plain = lambda *args, **kwargs: None  # type: ignore[assignment]
     load: Any = torch.load if method == "torch.load" else ckptd.load
     if method == DAEMON:
         load = functools.partial(ckptd.load, server=os.environ["CKPTD_BENCH_URL"])

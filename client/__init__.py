@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import typing
 
-from ._exceptions import (
+from ckptd.engine import (
     AuthenticationError,
     CheckpointBusyError,
     CheckpointError,
@@ -43,17 +43,16 @@ from ._exceptions import (
     UnpicklingError,
     UnsupportedFormatError,
     UsageError,
+    __version__,
+    settings,
 )
-from ._settings import settings
 from ckptd.formats import lazy_attributes as _lazy_attributes
 
 if typing.TYPE_CHECKING:
     from ._api import jit_load, load
     from ._client import Client
-    from ._inspect import inspect
+    from ckptd.engine import inspect
     from ._load_into import load_into, meta_parameters
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
@@ -93,7 +92,7 @@ for _name in __all__:
 
 _LAZY = {
     "Client": "._client",
-    "inspect": "._inspect",
+    "inspect": "ckptd.engine",
     "jit_load": "._api",
     "load": "._api",
     "load_into": "._load_into",

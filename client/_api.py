@@ -2,7 +2,7 @@
 the embedded engine (this process reads the file) and the daemon client (``ckptd.Client``).
 
 A load goes through the daemon when ``server`` is given or ``ckptd.settings.url``
-(``$CKPTD_URL``) is set; the engine modules (``_load``, ``_jit``) know nothing of the
+(``$CKPTD_URL``) is set; the engine modules (``ckptd.engine``) know nothing of the
 daemon, and the client builds on them, so imports run one way: front → client → engine.
 """
 
@@ -15,13 +15,12 @@ import torch
 
 from ckptd.formats import FileLike
 
-from . import _jit, _load
-from ._client import Client, shared_client
-from ._placement import MapLocation
-from ._select import Select
-from ._settings import settings
+from ckptd import engine
+from ckptd.engine import MapLocation, Select, settings
 
-Progress = _load.Progress
+from ._client import Client, shared_client
+
+Progress = engine.Progress
 
 
 def load(
@@ -61,7 +60,7 @@ def load(
             f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
             tensor_name=tensor_name, prefix=prefix, select=select, **pickle_load_args,
         )
-    return _load.load(
+    return engine.load(
         f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
         tensor_name=tensor_name, prefix=prefix, select=select, progress=progress, **pickle_load_args,
     )
@@ -88,7 +87,7 @@ def jit_load(
     client = _daemon(server)
     if client is not None:
         return client.jit_load(f, map_location, _extra_files)
-    return _jit.jit_load(f, map_location, _extra_files)
+    return engine.jit_load(f, map_location, _extra_files)
 
 
 def _daemon(server: str | None) -> Client | None:

@@ -8,8 +8,9 @@ running daemon (``--url``, default ``$CKPTD_URL`` or the default socket).
 
 Importing this module, and the admin commands and ``--help``/``--version``, import neither
 torch nor cupy (a probe's ``ckptd health`` answers in a fraction of a second); ``inspect``
-and ``load`` import torch when they run, ``serve`` the daemon (``ckptd.server``), whose
-settings model makes its flags.
+and ``load`` import torch when they run. ``serve`` is the daemon's own command
+(``ckptd.server.serve``, flags from its settings model): this module reaches the daemon
+through one import, in :func:`_daemon`, and the daemon never imports this module.
 
 This module is the only place in ckptd that prints. Expected failures (any
 :class:`ckptd.CkptdError`, or the operating system refusing a file) print
@@ -23,15 +24,14 @@ ckptd ...
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import ckptd
@@ -367,26 +367,15 @@ def _render_load(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# serve
+# serve: the daemon's own command (ckptd.server.serve), reached through this one import
 # ---------------------------------------------------------------------------------------
 
 
-def ready_line(urls: Sequence[str]) -> str:
-    """The line ``ckptd serve`` prints once it listens.
-
-    >>> ready_line(["unix:///tmp/ck/ckptd.sock", "http://127.0.0.1:8750"])
-    'ckptd: serving on unix:///tmp/ck/ckptd.sock and http://127.0.0.1:8750'
-    """
-    return "ckptd: serving on " + " and ".join(urls)
-
-
-
-
-def _server_api() -> Any:
+def _daemon() -> ModuleType:
     """``ckptd.server``, imported only when serving; without the ``server`` extra, a
     :class:`ckptd.UsageError` that says what to install."""
     try:
-        return importlib.import_module("ckptd.server")
+        import ckptd.server as daemon
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] == "ckptd":
             raise
@@ -394,34 +383,12 @@ def _server_api() -> Any:
             f"`ckptd serve` needs the daemon's dependencies, and {exc.name} is not installed: "
             "pip install 'ckptd[server]'"
         ) from exc
+    return daemon
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     """``ckptd serve --socket PATH --root DIR ...``: run the daemon until SIGTERM/SIGINT."""
-    server_api = _server_api()  # the daemon's stack only when serving
-    settings = server_api.load_settings(**server_api.flags_of(args))
-    server_api.configure_logging(settings.log_level, settings.log_format)
-
-    def announce(urls: list[str]) -> None:
-        print(ready_line(urls), file=out, flush=True)
-
-    server_api.Server(settings, on_ready=announce).serve()
-    _exit_now(0)
-    return 0  # not reached
-
-
-def _exit_now(status: int) -> None:
-    """End the daemon's process without tearing down its modules.
-
-    By now every arena is freed and the socket removed; what is left is the interpreter's
-    own teardown of torch and the server stack, which costs seconds on a busy host, while
-    an orchestrator expects a SIGTERMed daemon gone at once. Logs and output are flushed first.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(status)
+    return _daemon().serve(args, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,7 +619,7 @@ def _add_load(commands: Any) -> None:
 def _add_serve(commands: Any, *, flags: bool) -> None:
     sub = commands.add_parser("serve", help="run the daemon (flags override CKPTD_* variables)", add_help=flags)
     if flags:
-        _server_api().add_arguments(sub)  # one flag per setting of the daemon's settings model
+        _daemon().add_arguments(sub)  # one flag per setting of the daemon's settings model
     sub.set_defaults(handler=cmd_serve)
 
 

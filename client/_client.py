@@ -31,17 +31,31 @@ import torch
 from ckptd.formats import FileLike, Format, ShardedIndex, checkpoint_in_directory, is_sharded_index
 from ckptd.gpu import Devices, local_devices, map_arena
 
+from ckptd.engine import (
+    ArenaInfo,
+    DaemonError,
+    DaemonNotRunningError,
+    Manifest,
+    MapLocation,
+    Select,
+    StorageSet,
+    UsageError,
+    adopt_tensors,
+    check_daemon_load,
+    error_from,
+    keys_of,
+    load_shards,
+    make_request,
+    rebuild,
+    restore,
+    settings,
+    target_tag,
+    wanted_entries,
+    with_current_device,
+)
+
 from ._connection import Connection, transport_for
-from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
-from ._jit import adopt_tensors
-from ._load import check_daemon_load, keys_of, load_shards, make_request, rebuild, wanted_entries
-from ._manifest import ArenaInfo, Manifest
-from ._placement import MapLocation, restore, target_tag, with_current_device
 from ._remote import FetchStats, RangeReader, Transport, choose_transport, fetch_views
-from ._settings import settings
-from ._select import Select
-from ._storages import StorageSet
-from ._wire import error_from
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from urllib.parse import urlparse
 
 import httpx
 
+from ckptd.engine import UsageError, error_from, settings
 from ckptd.formats import checkpoint_in_directory, is_sharded_index, read_sharded_index
 
-from ._exceptions import UsageError
-from ._settings import settings
-from ._wire import error_from, transport_errors
+from ._wire import transport_errors
 
 
 class Connection:

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckptd.engine import MapLocation, ModelMismatchError, UsageError
 from ckptd.formats import FileLike
 
-from ._exceptions import ModelMismatchError, UsageError
 from ._api import load
-from ._placement import MapLocation
 
 logger = logging.getLogger(__name__)
 

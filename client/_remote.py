@@ -33,11 +33,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from ckptd.engine import CHECKSUM_HEADER, DaemonError, DaemonNotRunningError, Placement, UsageError, error_from
 from ckptd.gpu import cpu_arena, pack
-
-from ._exceptions import DaemonError, DaemonNotRunningError, UsageError
-from ._manifest import Placement
-from ._wire import CHECKSUM_HEADER, error_from
 
 logger = logging.getLogger(__name__)
 

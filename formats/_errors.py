@@ -2,7 +2,7 @@
 
 The root of the project's exception tree, :class:`CkptdError`, lives here because
 ``formats`` is the lowest layer: every other layer derives its errors from it, and
-``ckptd`` re-exports the whole tree (see ``ckptd._exceptions`` for the picture).
+``ckptd`` re-exports the whole tree (see ``ckptd.engine._exceptions`` for the picture).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ Requests over the Unix socket need no token: the socket is owner-only (0600), so
 kernel has already checked that the peer runs as the daemon's uid, and workers beside
 the daemon (compose, a Kubernetes node) need no secret. **Errors** have one shape,
 ``{"error": {"type": "<ckptd exception>", "message": "..."}}``, with the status of
-``ckptd._wire.STATUS``: a malformed body is 422 ``UsageError``, a body over
+``ckptd.engine``'s error table (``status_for``): a malformed body is 422 ``UsageError``, a body over
 ``max_body_bytes`` 413 ``UsageError``.
 
 The cache's calls block on disk, so the routes are plain ``def``: FastAPI runs them in
@@ -64,9 +64,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import ckptd
-from ckptd import AuthenticationError, CkptdError, DaemonError, UsageError
-from ckptd.internals import CHECKSUM_HEADER, error_body, status_for
+from ckptd import engine
+from ckptd.engine import CHECKSUM_HEADER, AuthenticationError, CkptdError, DaemonError, UsageError, error_body, status_for
 
 from ._config import Settings
 from ._metrics import Metrics
@@ -424,7 +423,7 @@ def create_app(cache: CacheService, settings: Settings, metrics: Metrics) -> Fas
     """
     app = FastAPI(
         title="ckptd",
-        version=ckptd.__version__,
+        version=engine.__version__,
         description=DESCRIPTION,
         docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: blank offline
         redoc_url=None,
@@ -636,7 +635,7 @@ def _add_admin_routes(app: FastAPI, cache: CacheService, settings: Settings) -> 
     def stats(request: Request) -> JSONResponse:
         body = dict(cache.stats())
         body.update(
-            version=ckptd.__version__,
+            version=engine.__version__,
             uptime_s=round(time.monotonic() - request.app.state.started, 3),
             socket=str(settings.socket),
             tcp=request.app.state.tcp,

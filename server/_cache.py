@@ -40,16 +40,23 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from ckptd import (
+from ckptd.engine import (
+    ArenaInfo,
     CheckpointBusyError,
     DaemonError,
     DeviceError,
+    Manifest,
     OverBudgetError,
     PathNotAllowedError,
+    Placement,
+    Select,
     UnsupportedFormatError,
     UsageError,
+    keys_of,
+    read_storages,
+    target_tag,
+    wanted_entries,
 )
-from ckptd.internals import ArenaInfo, Manifest, Placement, Select, keys_of, read_storages, target_tag, wanted_entries
 from ckptd.formats import (
     CheckpointError,
     CheckpointNotFoundError,

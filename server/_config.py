@@ -33,8 +33,7 @@ from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ckptd import UsageError
-from ckptd.internals import client_variables, default_socket
+from ckptd.engine import UsageError, client_variables, default_socket
 
 logger = logging.getLogger(__name__)
 

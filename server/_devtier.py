@@ -24,8 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ckptd import OverBudgetError, UsageError
-from ckptd.internals import ArenaInfo, Placement
+from ckptd.engine import ArenaInfo, OverBudgetError, Placement, UsageError
 from ckptd.formats import Layout
 from ckptd.gpu import Copy, DeviceBuffer, DeviceOutOfMemoryError, Devices, pack
 

@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptd import CkptdError, UsageError
-from ckptd.internals import error_body
+from ckptd.engine import CkptdError, UsageError, error_body
 from ckptd.gpu import DeviceBuffer
 
 logger = logging.getLogger(__name__)

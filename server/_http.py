@@ -28,8 +28,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ckptd import CkptdError, UsageError
-from ckptd.internals import error_body
+from ckptd.engine import CkptdError, UsageError, error_body
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckptd import LeaseLostError
+from ckptd.engine import LeaseLostError
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import uvicorn
 
-from ckptd import DaemonError, UsageError
+from ckptd.engine import DaemonError, UsageError
 from ckptd.gpu import CudaDevices, Devices, SimulatedDevices
 
 from ._app import create_app, end_sessions

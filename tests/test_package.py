@@ -20,12 +20,15 @@ import pytest
 import ckptd
 import ckptd.formats
 import ckptd.gpu
-import ckptd.internals
+import ckptd.engine
 import ckptd.server
 
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> import package (pyproject.toml's package-dir)
-PACKAGES = {"client": "ckptd", "formats": "ckptd.formats", "gpu": "ckptd.gpu", "server": "ckptd.server"}
+PACKAGES = {
+    "client": "ckptd", "client/engine": "ckptd.engine", "formats": "ckptd.formats", "gpu": "ckptd.gpu",
+    "server": "ckptd.server",
+}  # fmt: skip
 
 
 def _modules_of(package: ModuleType) -> set[str]:
@@ -33,7 +36,8 @@ def _modules_of(package: ModuleType) -> set[str]:
 
 
 MODULES = sorted(
-    set().union(*(_modules_of(p) for p in (ckptd, ckptd.formats, ckptd.gpu, ckptd.server))) - {"ckptd.__main__"}
+    set().union(*(_modules_of(p) for p in (ckptd, ckptd.engine, ckptd.formats, ckptd.gpu, ckptd.server)))
+    - {"ckptd.__main__"}
 )
 
 
@@ -46,7 +50,7 @@ def test_public_api_is_exactly_all() -> None:
         assert getattr(ckptd, name) is not None
 
 
-@pytest.mark.parametrize("package", [ckptd.formats, ckptd.gpu, ckptd.internals, ckptd.server])
+@pytest.mark.parametrize("package", [ckptd.engine, ckptd.formats, ckptd.gpu, ckptd.server])
 def test_every_public_name_of_a_package_is_documented(package: ModuleType) -> None:
     """What a package exports is in its ``__all__``, each name there resolves, and its docstring names it."""
     for name in package.__all__:
@@ -80,7 +84,7 @@ def test_every_package_has_docstring_examples() -> None:
     """The doctest walk reaches every package (formats/ and gpu/ used to be skipped)."""
     for package in PACKAGES.values():
         assert any(m == package or m.startswith(package + ".") for m in MODULES), package
-    for package in (ckptd.formats, ckptd.gpu, ckptd.server):
+    for package in (ckptd.engine, ckptd.formats, ckptd.gpu, ckptd.server):
         assert doctest.DocTestFinder().find(package), package.__name__
 
 
@@ -118,7 +122,7 @@ def test_import_ckptd_needs_no_torch() -> None:
 
 
 def _module_name(path: Path) -> str:
-    package = PACKAGES[path.parent.name]
+    package = PACKAGES[path.parent.relative_to(ROOT).as_posix()]
     return package if path.stem == "__init__" else f"{package}.{path.stem}"
 
 
@@ -162,7 +166,8 @@ def imports_of(module: str) -> set[tuple[str, str]]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             text = node.value
             named = _absolute(module, 1, text[1:]) if text.startswith(".") and text[1:].isidentifier() else text
-            if named in SOURCES and named != module:
+            # a dotted name only: the bare word "ckptd" is a title or a logger's name far more often
+            if named in SOURCES and named != module and "." in named:
                 found.add((named, ""))
     return found
 
@@ -200,7 +205,7 @@ def test_the_graph_sees_hidden_imports() -> None:
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
-    assert "ckptd.server" in graph["ckptd._cli"]  # `serve`, imported inside cmd_serve
+    assert "ckptd.server" in graph["ckptd._cli"]  # `serve`, imported inside _daemon()
     assert "ckptd._client" in graph["ckptd"]  # ckptd.Client, imported on first use
     assert "ckptd.gpu._devices" not in graph["ckptd.gpu._reader"]  # type annotations only
 
@@ -232,6 +237,7 @@ def _private_elsewhere(module: str, target: str) -> bool:
 
 THIRD_PARTY = {
     "ckptd.formats": set(),
+    "ckptd.engine": set(),  # no httpx: the engine knows nothing of HTTP
     "ckptd.gpu": {"cupy", "kvikio"},  # only when CUDA devices are made
     "ckptd": {"tqdm", "httpx"},
     "ckptd.server": {
@@ -239,28 +245,78 @@ THIRD_PARTY = {
         "pythonjsonlogger",  # --log-format json
     },
 }
-# Which other ckptd packages each may import (public names only).
-MAY_IMPORT = {
-    "ckptd.formats": set(),
-    "ckptd.gpu": {"ckptd.formats"},
-    "ckptd": {"ckptd.formats", "ckptd.gpu"},
-    "ckptd.server": {"ckptd", "ckptd.internals", "ckptd.formats", "ckptd.gpu"},
-}
+# The five concepts of the README's picture (section "Layout"), and its arrows: each may
+# import the ones it points to (public names only), and no others.
+CONCEPTS = {
+    "ckptd": "front/CLI", "ckptd.server": "daemon", "ckptd.engine": "engine", "ckptd.gpu": "device layer",
+    "ckptd.formats": "formats",
+}  # fmt: skip
+ARROWS = {
+    ("front/CLI", "daemon"),  # `ckptd serve` only (test_only_serve_reaches_the_daemon)
+    ("front/CLI", "engine"), ("front/CLI", "device layer"), ("front/CLI", "formats"),
+    ("daemon", "engine"), ("daemon", "device layer"), ("daemon", "formats"),
+    ("engine", "device layer"), ("engine", "formats"),
+    ("device layer", "formats"),
+}  # fmt: skip
+
+
+def _concept(module: str) -> str:
+    return CONCEPTS[_package_of(module)]
+
+
+def concept_graph() -> set[tuple[str, str]]:
+    """(importer, imported) concept pairs, read from every module's imports."""
+    return {
+        (_concept(module), _concept(target))
+        for module, targets in import_graph().items() for target in targets if _concept(module) != _concept(target)
+    }  # fmt: skip
+
+
+def test_the_picture_has_exactly_the_arrows_of_the_code() -> None:
+    """Every arrow of the README's picture is used by the code, the code uses no other, and
+    they run one way (no cycle among the concepts)."""
+    assert concept_graph() == ARROWS
+    graph: dict[str, set[str]] = {c: set() for c in CONCEPTS.values()}
+    for source, target in ARROWS:
+        graph[source].add(target)
+    assert _cycle(graph) is None
+
+
+def test_only_serve_reaches_the_daemon() -> None:
+    """The front reaches the daemon in one place, ``ckptd serve`` (ckptd._cli), by a plain import."""
+    graph = import_graph()
+    reaching = {m for m in SOURCES if _concept(m) == "front/CLI" and any(_concept(t) == "daemon" for t in graph[m])}
+    assert reaching == {"ckptd._cli"}
+    assert {target for target, _ in imports_of("ckptd._cli") if target.startswith("ckptd.server")} == {"ckptd.server"}
+    assert "import_module" not in SOURCES["ckptd._cli"].read_text()
+
+
+def test_the_engine_loads_without_http_or_the_daemon_client() -> None:
+    """A load through ``ckptd.engine`` imports no httpx and none of the front's modules."""
+    code = (
+        "import io, sys, torch, ckptd.engine\n"
+        "buf = io.BytesIO(); torch.save({'w': torch.ones(2)}, buf); buf.seek(0)\n"
+        "assert ckptd.engine.load(buf)['w'].tolist() == [1.0, 1.0]\n"
+        "front = [m for m in sys.modules if m.startswith('ckptd._') or m.split('.')[0] == 'httpx']\n"
+        "assert not front, front\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("module", sorted(SOURCES))
 def test_layers_depend_one_way(module: str) -> None:
-    """formats: stdlib + torch; gpu: + formats; ckptd: + gpu, httpx; the daemon: + ckptd. No
-    package imports another's private module, and the daemon uses only names in ``__all__``."""
+    """Each module imports only its own package and the concepts its concept points to (the
+    picture's arrows), their public names only (``__all__``), and no private module of
+    another package; third-party imports: formats none, gpu cupy, engine none (no httpx),
+    front httpx and tqdm, the daemon its web stack."""
     package = _package_of(module)
     assert _foreign(module, THIRD_PARTY[package]) == set()
+    allowed = {p for p, concept in CONCEPTS.items() if (CONCEPTS[package], concept) in ARROWS}
     for target, name in _ckptd_imports(module):
         assert not _private_elsewhere(module, target), f"{module} imports private {target}"
         if target in SOURCES and _in_package(target, package):
             continue
-        if module == "ckptd._cli" and target == "ckptd.server":
-            continue  # `ckptd serve` runs the daemon (until the command moves to ckptd.server)
-        assert target in MAY_IMPORT[package], f"{module} imports {target}"
+        assert target in allowed, f"{module} imports {target}"
         if name:
             assert name in importlib.import_module(target).__all__, f"{module} imports {target}.{name}: not public"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckptd import _placement
+from ckptd.engine import _placement
 
 
 def test_bare_cuda_is_resolved_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:

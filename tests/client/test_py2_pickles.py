@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import ckptd
-import ckptd._load
-from ckptd._rebuild import rebuild_plain
+import ckptd.engine._load
+from ckptd.engine._rebuild import rebuild_plain
 from ckptd._cli import main
 from ckptd.formats._pickle_scan import Call, scan
 from ckptd_testlib import assert_same, rewrite_zip
@@ -109,7 +109,7 @@ def test_loads_as_torch_does(py2_file: Path, weights_only: bool, monkeypatch: py
         taken.append(built is not None)
         return built
 
-    monkeypatch.setattr(ckptd._load, "rebuild_plain", spy)
+    monkeypatch.setattr(ckptd.engine._load, "rebuild_plain", spy)
     assert_same(torch.load(py2_file, weights_only=weights_only), ckptd.load(py2_file, weights_only=weights_only))
     # the plain rebuild makes OrderedDict([[k, v], ...]) itself (zip files; legacy ones go to torch)
     assert taken == [py2_file.name == "py2.zip.pt"]

@@ -1,4 +1,4 @@
-"""The plain rebuild (ckptd._rebuild): objects built from the scan's record equal torch.load's.
+"""The plain rebuild (ckptd.engine._rebuild): objects built from the scan's record equal torch.load's.
 
 Every corpus case that takes the plain rebuild equals torch.load in type, key order,
 ``_metadata``, identity and storage sharing (``assert_same``); the cases that are not plain
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import ckptd
-import ckptd._load
-from ckptd._rebuild import plain_opcodes, rebuild_plain
+import ckptd.engine._load
+from ckptd.engine._rebuild import plain_opcodes, rebuild_plain
 from ckptd_testlib import CORPUS, LocationRecorder, assert_conform, assert_same, load_both, rewrite_zip
 
 # Corpus cases the plain rebuild makes (zip variants); the rest hold what only torch's
@@ -43,7 +43,7 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         record.append(built is not None)
         return built
 
-    monkeypatch.setattr(ckptd._load, "rebuild_plain", spy)
+    monkeypatch.setattr(ckptd.engine._load, "rebuild_plain", spy)
     return record
 
 

@@ -16,7 +16,7 @@ import torch
 import ckptd
 from ckptd._client import _clients
 from ckptd._connection import Connection
-from ckptd._settings import ClientSettings, Settings, parse_size
+from ckptd.engine._settings import ClientSettings, Settings, parse_size
 from ckptd._wire import transport_errors
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ckptd._storages import _runs, read_storages
+from ckptd.engine._storages import _runs, read_storages
 from ckptd.formats import open_source, read_layout
 from ckptd_testlib import assert_same
 

@@ -22,7 +22,7 @@ import torch
 from torch.serialization import LoadEndianness
 
 import ckptd
-from ckptd._load import check_daemon_load, make_request
+from ckptd.engine import check_daemon_load, make_request
 from ckptd_testlib import NonSeekable, assert_same, to_big_endian
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 import ckptd
-from ckptd._exceptions import (
+from ckptd.engine import (
     AuthenticationError,
     CheckpointBusyError,
     CheckpointError,
@@ -37,7 +37,7 @@ from ckptd._exceptions import (
     UnsupportedFormatError,
     UsageError,
 )
-from ckptd._wire import error_from
+from ckptd.engine import error_from
 from ckptd.server import Settings, create_app, load_settings
 from ckptd.server._metrics import Metrics
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckptd
-from ckptd._manifest import Manifest
+from ckptd.engine import Manifest
 from ckptd.server import _cache as cache_module
 from ckptd.server._cache import Cache
 

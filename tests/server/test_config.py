@@ -462,14 +462,14 @@ def test_client_variables_are_left_to_the_client(root: Path, clean_env: pytest.M
 )  # fmt: skip
 def test_client_and_daemon_read_sizes_alike(text: str) -> None:
     """The client's size parser (no pydantic) agrees with the daemon's (pydantic's ByteSize)."""
-    from ckptd.internals import parse_size as client_parse_size
+    from ckptd.engine import parse_size as client_parse_size
 
     assert client_parse_size(text) == parse_size(text)
 
 
 @pytest.mark.parametrize("text", ["", "GiB", "12QB", "-5", "1.2.3G", "lots", "16Gx", "1e3"])
 def test_client_and_daemon_refuse_the_same_sizes(text: str) -> None:
-    from ckptd.internals import parse_size as client_parse_size
+    from ckptd.engine import parse_size as client_parse_size
 
     with pytest.raises(ValueError):
         client_parse_size(text)

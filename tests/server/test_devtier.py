@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptd
-from ckptd._manifest import Manifest
+from ckptd.engine import Manifest
 from ckptd.gpu import SimulatedDevices
 from ckptd.server._cache import Cache
 from ckptd.server._devtier import DeviceTier

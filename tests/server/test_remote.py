@@ -31,7 +31,7 @@ import torch
 import ckptd
 import ckptd._remote as remote
 from ckptd._cli import main as cli_main
-from ckptd._manifest import Placement
+from ckptd.engine import Placement
 from ckptd._remote import CHECKSUM_HEADER, RangeReader, fetch_views
 from ckptd_testlib import Daemon, assert_same, cached_entry, save_bytes, start_daemon
 

@@ -92,7 +92,7 @@ def default_socket(environ: Mapping[str, str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ClientSettings:
-    """One set of client settings (immutable; see :mod:`ckptd._settings` for each field).
+    """One set of client settings (immutable; see :mod:`ckptd.engine._settings` for each field).
 
     ``default_url`` is where :class:`ckptd.Client` connects when neither its ``url`` nor
     ``url`` here says: the default socket (``$XDG_RUNTIME_DIR`` when it was read).
@@ -222,3 +222,12 @@ class Settings:
 
 
 settings = Settings()
+
+
+def client_variables() -> frozenset[str]:
+    """The ``CKPTD_*`` variables a client reads (``ckptd.settings``): the daemon leaves them alone.
+
+    >>> "CKPTD_URL" in client_variables()
+    True
+    """
+    return frozenset(ClientSettings.variables().values())

@@ -58,7 +58,7 @@ def rebuild_plain(
 
     >>> import io, torch
     >>> from ckptd.formats import open_source, read_layout
-    >>> from ckptd._storages import read_storages
+    >>> from ckptd.engine import read_storages
     >>> buf = io.BytesIO(); torch.save({"w": torch.ones(2)}, buf)
     >>> layout = read_layout(open_source(buf.getvalue()))
     >>> storages = read_storages(open_source(buf.getvalue()), layout, layout.storages, None)
