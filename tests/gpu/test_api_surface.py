@@ -26,7 +26,7 @@ CUPY_ROOTS = {"cupy": "", "cp": "", "self.cupy": "", "self._cp": "", "rt": "cuda
 
 
 def _sources() -> list[tuple[Path, ast.Module]]:
-    files = sorted(p for folder in SOURCES for p in folder.glob("*.py"))
+    files = sorted(p for folder in SOURCES for p in folder.rglob("*.py"))
     return [(p, ast.parse(p.read_text(), str(p))) for p in files]
 
 
