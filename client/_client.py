@@ -29,7 +29,7 @@ import httpx
 import torch
 
 from ckptd.formats import FileLike, Format, ShardedIndex, checkpoint_in_directory, is_sharded_index
-from ckptd.gpu import Devices, local_devices, map_arena
+from ckptd.gpu import Devices, local_devices, map_arena, map_fd
 
 from ckptd.engine import (
     ArenaInfo,
@@ -286,7 +286,13 @@ class Client(Connection):
 
     def _open(self, info: ArenaInfo, lease: str) -> tuple[torch.UntypedStorage, Any]:
         if info.device == "cpu":
-            return map_arena(info.path, info.nbytes)
+            if not (info.handle or {}).get("fd"):
+                return map_arena(info.path, info.nbytes)  # an arena named in a filesystem
+            fd = self._host_arena_fd(info, lease)
+            try:
+                return map_fd(fd, info.nbytes)
+            finally:
+                os.close(fd)
         if info.handle is None or self._devices is None:
             raise DaemonError(f"the daemon sent GPU arena {info.id} on {info.device}, but this process has no GPUs to open it")
         if not info.handle.get("fd"):
@@ -296,6 +302,18 @@ class Client(Connection):
             return self._devices.open(info.handle, fd)
         finally:
             os.close(fd)
+
+    def _host_arena_fd(self, info: ArenaInfo, lease: str) -> int:
+        """A host-memory arena's descriptor: from the descriptor socket (lease-checked), or
+        over TCP through the daemon's ``/proc`` entry, which must name that very arena."""
+        if urlparse(self.url).scheme == "unix":
+            return receive_fd(self.url, lease, info.id)
+        name = f"/memfd:{(info.handle or {}).get('name')} "  # as /proc shows it: '/memfd:NAME (deleted)'
+        fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)  # OSError: not this host, or not allowed
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(name):  # another process's, or a reused number
+            os.close(fd)
+            raise FileNotFoundError(f"{info.path} is not the daemon's arena {info.id} (another host?)")
+        return fd
 
     def _hold(self, manifest: Manifest, build: Callable[[Manifest], Any], again: Callable[[], Manifest]) -> Any:
         """Map the arenas and build the result, then keep its lease until they are unmapped
@@ -521,7 +539,8 @@ def _listening(url: str) -> bool:
 
 
 def receive_fd(url: str, lease: str, arena: str) -> int:
-    """The descriptor of GPU arena ``arena`` from the daemon's descriptor socket (``<socket>.fd``).
+    """The descriptor of arena ``arena`` (host memory, or a read-only GPU mapping) from the
+    daemon's descriptor socket (``<socket>.fd``).
 
     Only a Unix socket carries descriptors: over TCP, read-only GPU mappings are refused.
     """

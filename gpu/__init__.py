@@ -37,14 +37,15 @@ from ckptd.formats import lazy_attributes as _lazy_attributes
 from ._errors import DeviceError
 
 if TYPE_CHECKING:
-    from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, pack, shm_arena
+    from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, map_fd, pack, shm_arena
     from ._buffers import DeviceBuffer, DeviceInfo, StagingPool, is_pinned
     from ._devices import CudaDevices, Devices, SimulatedDevices, local_devices
     from ._oom import DeviceOutOfMemoryError
     from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, chunks, fill, fill_device
 
 _LAZY = {
-    **dict.fromkeys(("ALIGNMENT", "Arena", "align", "allocate", "cpu_arena", "map_arena", "pack", "shm_arena"), "._arena"),
+    **dict.fromkeys(("ALIGNMENT", "Arena", "align", "allocate", "cpu_arena", "map_arena", "map_fd", "pack", "shm_arena"),
+                    "._arena"),
     **dict.fromkeys(("DeviceBuffer", "DeviceInfo", "StagingPool", "is_pinned"), "._buffers"),
     **dict.fromkeys(("CudaDevices", "Devices", "SimulatedDevices", "local_devices"), "._devices"),
     "DeviceOutOfMemoryError": "._oom",
@@ -76,6 +77,7 @@ __all__ = [
     "is_pinned",
     "local_devices",
     "map_arena",
+    "map_fd",
     "pack",
     "shm_arena",
 ]

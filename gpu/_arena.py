@@ -102,6 +102,26 @@ class Arena:
         """The shared-memory file descriptor of a CPU arena (``None`` once closed or on devices)."""
         return self._fd
 
+    def share_fd(self) -> int:
+        """A new, read-only descriptor of a CPU arena's memory, for another process to map
+        copy-on-write (:func:`map_fd`); the caller closes it once passed on.
+
+        Read-only, so a process it reaches cannot write into the shared pages (its
+        copy-on-write mapping still can write into its own copy).
+
+        >>> with cpu_arena(8) as arena:
+        ...     arena.host[:2] = b"hi"
+        ...     fd = arena.share_fd()
+        >>> storage, mapping = map_fd(fd, 8)
+        >>> os.close(fd)
+        >>> bytes(storage[:2].tolist())
+        b'hi'
+        """
+        if self._fd is None:
+            raise ValueError("this arena has no descriptor (closed, empty, or not in host memory)")
+        # Reopening through /proc gives a new open file description, read-only, on the same memory.
+        return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+
     def close(self) -> None:
         """Close the shared-memory descriptor; the mapping lives on while tensors use it."""
         if self._fd is not None:
@@ -129,7 +149,9 @@ class Arena:
 
 
 def cpu_arena(nbytes: int, *, name: str = "ckptd-arena") -> Arena:
-    """A shared-memory arena on the CPU.
+    """A shared-memory arena on the CPU: an anonymous memory file (``memfd``, called
+    ``name`` in ``/proc/*/maps``) that lives while its descriptor or any mapping of it
+    does, so the kernel frees it with its last user, whoever that is and however it ends.
 
     >>> with cpu_arena(128) as arena:
     ...     arena.host[:2] = b"hi"
@@ -195,6 +217,14 @@ def map_arena(path: str, nbytes: int) -> tuple[torch.UntypedStorage, mmap.mmap]:
         mapping = _Mapping(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+    return mapping.storage(), mapping
+
+
+def map_fd(fd: int, nbytes: int) -> tuple[torch.UntypedStorage, mmap.mmap]:
+    """Map ``nbytes`` of a shared-memory descriptor (:meth:`Arena.share_fd`) copy-on-write,
+    as :func:`map_arena` maps a file: reads share the pages, writes stay private. The
+    descriptor may be closed once this returns; the mapping keeps the memory alive."""
+    mapping = _Mapping(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return mapping.storage(), mapping
 
 

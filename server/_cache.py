@@ -5,7 +5,10 @@ A cached checkpoint (an *entry*) is identified by its resolved path's
 after every read, so a replaced file is a new entry and never served stale, and a read
 the file changed under is neither cached nor returned (the load reads again, once). The
 ctime catches an in-place rewrite that restores the mtime. Its storages live in
-shared-memory arenas that clients map copy-on-write. Loads of one entry are
+anonymous shared-memory arenas (``memfd``) whose descriptors reach clients over the
+descriptor socket (:meth:`Cache.arena_fd`); clients map them copy-on-write. Nothing is
+named in a filesystem, so the kernel frees an arena with its last user: a SIGKILLed
+daemon leaves behind only what its clients still map, and that goes when they do. Loads of one entry are
 single-flight: the first reads what is missing while the others wait on the entry's
 lock, then find it resident. Under the host budget, least recently used entries that no
 lease holds are evicted; a load that cannot fit fails with :class:`OverBudgetError`
@@ -29,6 +32,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import stat
 import sys
 import threading
@@ -69,7 +73,7 @@ from ckptd.formats import (
     read_layout,
     read_sharded_index,
 )
-from ckptd.gpu import Arena, DeviceBuffer, shm_arena
+from ckptd.gpu import Arena, cpu_arena
 
 from ._devtier import DeviceTier
 from ._leases import LeaseTable
@@ -89,8 +93,6 @@ class CacheSettings(Protocol):
     def roots(self) -> Sequence[Path]: ...
     @property
     def host_budget(self) -> int: ...
-    @property
-    def shm_dir(self) -> Path: ...
     @property
     def lease_ttl(self) -> float: ...
 
@@ -166,7 +168,6 @@ class Cache:
     def __init__(self, settings: CacheSettings, metrics: CacheMetrics | None, tier: DeviceTier | None = None) -> None:
         self._roots = [Path(os.path.realpath(root)) for root in settings.roots]
         self._budget = settings.host_budget
-        self._shm_dir = str(settings.shm_dir)
         self._metrics = metrics
         self.leases = LeaseTable(settings.lease_ttl)
         self._entries: dict[str, _Entry] = {}
@@ -278,12 +279,19 @@ class Cache:
             self._forget_if_stale(checkpoint)
         self._report()
 
-    def arena_buffer(self, lease: str, arena: str) -> DeviceBuffer:
-        """The GPU buffer of ``arena``, for the holder of ``lease`` (the descriptor socket's check)."""
+    def arena_fd(self, lease: str, arena: str) -> int:
+        """A new descriptor of ``arena`` (host memory, or a GPU buffer shared by descriptor),
+        for the holder of ``lease`` only: the descriptor socket's check. The caller closes it.
+        """
         checkpoint = self.leases.checkpoint_of(lease)
+        with self._lock:
+            entry = self._entries.get(checkpoint)
+            host = entry.arenas.get(arena) if entry is not None else None
+            if host is not None:
+                return host.share_fd()  # under the lock: not closed by an eviction meanwhile
         if self._tier is None:
-            raise UsageError("this daemon holds no GPU arenas")
-        return self._tier.buffer(checkpoint, arena)
+            raise CheckpointNotFoundError(arena, "is no arena of the checkpoint this lease holds")
+        return self._tier.buffer(checkpoint, arena).share_fd()
 
     def sharded_index(self, path: str) -> ShardedIndex:
         """A sharded checkpoint's ``*.index.json``, read here (inside the roots) for clients that
@@ -372,7 +380,7 @@ class Cache:
         current one; a read the file changed under is thrown away and done again on the
         file as it is now (``_ATTEMPTS`` in all). A failed first load leaves no trace.
         """
-        changed: _FileChangedError | None = None
+        changed = False  # not the exception: its traceback would keep the thrown-away arenas mapped
         for _ in range(_ATTEMPTS):
             entry = self._entry_for(path)
             try:
@@ -381,14 +389,14 @@ class Cache:
                         continue
                     with self._forget_on_failure(entry):
                         return work(entry)
-            except _FileChangedError as exc:
+            except _FileChangedError:
                 logger.info("%s changed while being read; reading it again", entry.path)
-                changed = exc
+                changed = True
             finally:
                 self._forget_if_stale(entry.id)  # retired while this load held it: its turn now
-        if changed is not None:
+        if changed:
             raise CheckpointError(path, f"changed on disk during {_ATTEMPTS} reads in a row; nothing was cached or returned. "
-                                  "Load it again once it is completely written") from changed
+                                  "Load it again once it is completely written")
         raise CheckpointError(path, "was replaced again and again while being loaded; load it again once it settles")
 
     def _entry_for(self, path: str) -> _Entry:
@@ -428,7 +436,7 @@ class Cache:
         if is_sharded_index(real):
             raise UnsupportedFormatError(real, "sharded checkpoints go through the daemon shard by shard")
         try:
-            st = os.stat(real)
+            st = _settled_stat(real)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(path, "no such file") from exc
         except OSError as exc:
@@ -445,11 +453,10 @@ class Cache:
 
     def _layout(self, entry: _Entry) -> Layout:
         if entry.layout is None:
-            with open_source(entry.path) as source:
-                self._check_unchanged(entry, source.fileno())
+            with open_source(entry.path) as source, self._unchanged_around(entry, source.fileno()):
                 # the scan's object record is the client's to rebuild from; not kept while cached
                 layout = replace(read_layout(source), scanned=None)
-                self._check_unchanged(entry, source.fileno())  # not a structure torn by a writer
+            entry.layout = layout
             entry.layout = layout
         return entry.layout
 
@@ -479,35 +486,45 @@ class Cache:
 
     def _read(self, entry: _Entry, layout: Layout, keys: list[str]) -> None:
         """Read ``keys`` into one new arena; record where each storage landed."""
-        created: list[Arena] = []
+        created: dict[str, Arena] = {}
 
         def allocate(_device: torch.device, nbytes: int) -> Arena:
-            created.append(shm_arena(nbytes, self._shm_dir))
-            return created[-1]
+            arena_id = secrets.token_hex(12)
+            created[arena_id] = cpu_arena(nbytes, name=f"ckptd-{arena_id}")
+            return created[arena_id]
 
         try:
-            with open_source(entry.path) as source:
-                self._check_unchanged(entry, source.fileno())
-                storages = read_storages(source, layout, keys, "cpu", allocator=allocate)
-                self._check_unchanged(entry, source.fileno())  # a writer may have torn what was read
+            with open_source(entry.path) as source, self._unchanged_around(entry, source.fileno()):
+                storages = read_storages(source, layout, keys, "cpu", allocator=allocate, keep_open=True)
             with self._lock:
                 if entry.dropped:  # only close() drops an entry a load holds
                     raise DaemonError(f"{entry.path}: the cache was closed while the checkpoint was read")
-                for arena in storages.arenas:  # one: every storage goes to host memory
-                    arena_id = os.path.basename(arena.path or "")
+                for arena_id, arena in created.items():  # one: every storage goes to host memory
                     entry.arenas[arena_id] = arena
                     base = arena.storage.data_ptr()
                     for key, view in storages.views.items():
                         entry.placements[key] = Placement(key, arena_id, view.data_ptr() - base, view.nbytes())
         except BaseException:
-            for arena in created:  # a failed read leaves no file behind in shared memory
-                arena.unlink()
+            for arena in created.values():  # a failed read frees its memory now
                 arena.close()
             raise
         nbytes = sum(layout.storages[k].nbytes for k in keys)
         if self._metrics:
             self._metrics.read(nbytes)
         logger.info("read %d storages (%d bytes) of %s", len(keys), nbytes, entry.path)
+
+    @contextlib.contextmanager
+    def _unchanged_around(self, entry: _Entry, fd: int | None) -> Iterator[None]:
+        """The file is the one identified before the read, and still after it: what was read
+        is not torn by a writer. A read that fails while the file changes failed because of
+        the change (a torn structure is no corrupt file): it is read again too."""
+        self._check_unchanged(entry, fd)
+        try:
+            yield
+        except Exception:
+            self._check_unchanged(entry, fd)
+            raise
+        self._check_unchanged(entry, fd)
 
     def _check_unchanged(self, entry: _Entry, fd: int | None) -> None:
         """The file opened, and the one the path names now, must still be the one identified
@@ -531,7 +548,9 @@ class Cache:
         placements = [entry.placements[k] for k in keys if k in entry.placements]
         used = {p.arena for p in placements}
         arenas = [
-            ArenaInfo(arena_id, arena.path or "", arena.nbytes) for arena_id, arena in entry.arenas.items() if arena_id in used
+            ArenaInfo(arena_id, _proc_path(arena), arena.nbytes, handle={"fd": True, "name": f"ckptd-{arena_id}"})
+            for arena_id, arena in entry.arenas.items()
+            if arena_id in used
         ]
         if gpu and self._tier:
             gpu_arenas, gpu_placements = self._tier.manifest(entry.id, gpu)
@@ -692,8 +711,34 @@ class Cache:
             self._metrics.set_leases(self.leases.total())
 
 
+def _proc_path(arena: Arena) -> str:
+    """Where a process on this host that cannot use the descriptor socket (a TCP client)
+    opens the arena: this process's descriptor, through /proc (it checks the name)."""
+    return f"/proc/{os.getpid()}/fd/{arena.fd}"
+
+
 class _FileChangedError(CheckpointError):
     """The checkpoint's file changed while it was being read: what was read is thrown away."""
+
+
+_CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # the clock file times come from (Linux)
+_SETTLE_S = 0.05
+
+
+def _settled_stat(path: str) -> os.stat_result:
+    """``os.stat(path)``, taken once the clock has left the tick of the file's last change.
+
+    File times move in clock ticks: a change made in the same tick as the last one leaves
+    the ctime as it was, so an identity taken during that tick could miss a write that
+    follows it. Waiting out the tick (a few ms, only for a file changed just now) means
+    every later change shows. Bounded, for a file whose times lie in the future.
+    """
+    st = os.stat(path)
+    deadline = time.monotonic() + _SETTLE_S
+    while st.st_ctime_ns >= time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) and time.monotonic() < deadline:
+        time.sleep(0.001)
+        st = os.stat(path)
+    return st
 
 
 def _identity(st: os.stat_result) -> Identity:

@@ -1,7 +1,10 @@
-"""The descriptor socket: file descriptors for clients' read-only GPU mappings.
+"""The descriptor socket: file descriptors of the arenas clients map.
 
-HTTP cannot carry file descriptors; a Unix socket can (``SCM_RIGHTS``). Beside the main
-socket the daemon listens on ``<socket>.fd`` (owner-only). A client sends one JSON line,
+Host-memory arenas are anonymous memory files (``memfd``) and read-only GPU mappings are
+exported as descriptors: neither has a name another process could open, which is what
+lets the kernel free them with their last user. HTTP cannot carry file descriptors; a
+Unix socket can (``SCM_RIGHTS``). Beside the main socket the daemon listens on
+``<socket>.fd`` (owner-only). A client sends one JSON line,
 ``{"lease": ..., "arena": ...}``; the daemon checks that the lease is live and holds the
 checkpoint that arena belongs to, and answers ``{"ok": true}`` with the arena's
 descriptor attached, or an error body of the HTTP API's shape
@@ -20,14 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckptd.engine import CkptdError, UsageError, error_body
-from ckptd.gpu import DeviceBuffer
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT_S = 5.0
 
-Lookup = Callable[[str, str], DeviceBuffer]  # (lease, arena id) -> the arena's buffer, or a CkptdError
+Lookup = Callable[[str, str], int]  # (lease, arena id) -> a new descriptor of the arena, or a CkptdError
 
 
 def fd_socket_path(socket_path: Path) -> Path:
@@ -77,8 +79,7 @@ class FdServer:
         try:
             body = json.loads(request)
             lease, arena = str(body["lease"]), str(body["arena"])
-            buffer = self._lookup(lease, arena)
-            fd = buffer.share_fd()
+            fd = self._lookup(lease, arena)
         except CkptdError as exc:
             conn.sendall(json.dumps(error_body(exc)).encode() + b"\n")
             return

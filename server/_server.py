@@ -148,12 +148,11 @@ class Server:
     def _bind_unix(self) -> socket.socket:
         sock = bind_unix(self.settings.socket)
         self._socket_inode = os.stat(self.settings.socket).st_ino
-        if self.cache.has_gpus:  # descriptors for read-only GPU mappings travel beside HTTP
-            try:
-                self._fds = FdServer(fd_socket_path(self.settings.socket), self.cache.arena_buffer)
-            except BaseException:
-                self._close_sockets([sock])
-                raise
+        try:  # arenas' descriptors travel beside HTTP
+            self._fds = FdServer(fd_socket_path(self.settings.socket), self.cache.arena_fd)
+        except BaseException:
+            self._close_sockets([sock])
+            raise
         return sock
 
     def _close_sockets(self, sockets: list[socket.socket]) -> None:

@@ -126,8 +126,8 @@ def read_storages(
 
     Arenas are allocated and views handed out at once; with ``wait=False`` the bytes
     arrive in the background (call :meth:`StorageSet.wait` before using them), so the
-    object can be unpickled while the disk is read. ``allocator`` makes the arenas (the
-    daemon's are named shared-memory files); ``keep_open`` keeps their descriptors.
+    object can be unpickled while the disk is read. ``allocator`` makes the arenas;
+    ``keep_open`` keeps their descriptors (the daemon passes them on to its clients).
     ``skip_data`` places the storages but reads none (``torch.serialization.skip_data``).
     The reader's threads and chunk size are ``ckptd.settings``' ``reader_threads`` and
     ``chunk_bytes``, as in effect where this is called.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from typing import Any
 
 __all__ = [
     "READY_PREFIX",
+    "ArenaFile",
     "Daemon",
+    "arenas_of",
     "start_daemon",
     "daemon_in",
     "wait_for",
@@ -43,7 +46,8 @@ READY_PREFIX = "ckptd: serving on "
 
 @dataclasses.dataclass
 class Daemon:
-    """A running daemon: its process, socket, checkpoint root and shared-memory dir."""
+    """A running daemon: its process, socket, checkpoint root and shared-memory dir (where
+    simulated GPUs keep their memory; host arenas are anonymous: :meth:`arenas`)."""
 
     proc: subprocess.Popen
     sock: str
@@ -55,8 +59,52 @@ class Daemon:
     def url(self) -> str:
         return f"unix://{self.sock}"
 
-    def arenas(self) -> list[Path]:
-        return sorted(p for p in self.shm.iterdir() if p.is_file())
+    def arenas(self) -> list[ArenaFile]:
+        """The daemon's host-memory arenas (anonymous memory files it holds open)."""
+        return arenas_of(self.proc.pid)
+
+
+_ARENA_LINK = re.compile(r"/memfd:(ckptd-[0-9a-f]{24}) \(deleted\)")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ArenaFile:
+    """One arena of a daemon: a memory file no filesystem names, reached through the
+    daemon's descriptor in ``/proc``. Equal by name (descriptor numbers are reused)."""
+
+    name: str
+    path: Path = dataclasses.field(compare=False)
+
+    def __str__(self) -> str:
+        return f"/memfd:{self.name}"  # as /proc/*/maps names a mapping of it
+
+    def stat(self) -> os.stat_result:
+        return self.path.stat()
+
+    def read_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def exists(self) -> bool:
+        """Whether the daemon still holds it (by name: the descriptor number may be another file's now)."""
+        try:
+            return os.readlink(self.path) == f"/memfd:{self.name} (deleted)"
+        except OSError:
+            return False
+
+
+def arenas_of(pid: int) -> list[ArenaFile]:
+    """The ckptd arenas process ``pid`` holds a descriptor of (each once: a daemon passing
+    one on holds a second descriptor for a moment)."""
+    found: dict[str, ArenaFile] = {}
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_dir):
+        try:
+            match = _ARENA_LINK.fullmatch(os.readlink(fd_dir / fd))
+        except OSError:  # closed meanwhile
+            continue
+        if match:
+            found.setdefault(match[1], ArenaFile(match[1], fd_dir / fd))
+    return sorted(found.values())
 
 
 def start_daemon(root: Path, shm: Path, *extra: str) -> Iterator[Daemon]:

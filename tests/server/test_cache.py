@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import threading
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,39 @@ from ckptd.server import _cache as cache_module
 from ckptd.server._cache import Cache
 
 MB = 1 << 20
+_MEMFD = re.compile(r"/memfd:(ckptd-[0-9a-f]{24}) \(deleted\)")
+
+
+def _live_arenas() -> dict[str, int]:
+    """The cache's memory files alive in this process, held by a descriptor or a mapping: name -> bytes."""
+    live: dict[str, int] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found = _MEMFD.fullmatch(os.readlink(f"/proc/self/fd/{fd}"))
+            if found:
+                live[found[1]] = os.stat(f"/proc/self/fd/{fd}").st_size
+        except OSError:  # closed meanwhile (listdir's own descriptor, another thread's)
+            continue
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            found = _MEMFD.fullmatch(fields[5].strip()) if len(fields) == 6 else None
+            if found:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                live.setdefault(found[1], end - start)
+    return live
+
+
+@pytest.fixture
+def live() -> Callable[[], dict[str, int]]:
+    """The cache's arenas that came to life during this test and are still alive (name -> bytes)."""
+    before = set(_live_arenas())
+    return lambda: {name: n for name, n in _live_arenas().items() if name not in before}
+
+
+def _alive(info: Any) -> bool:
+    """Whether arena ``info`` (an :class:`ArenaInfo`) still exists in this process."""
+    return info.handle["name"] in _live_arenas()
 
 
 def _settings(root: Path, *, budget: int = 64 * MB, ttl: float = 30.0) -> types.SimpleNamespace:
@@ -41,11 +77,19 @@ def _arena_bytes(manifest: Manifest, key: str) -> bytes:
         return f.read(placement.nbytes)
 
 
-def test_storages_land_in_owner_only_shared_memory(tmp_path: Path) -> None:
+def test_storages_land_in_anonymous_shared_memory_passed_read_only(tmp_path: Path) -> None:
     sd = _save(tmp_path / "m.pt", 2)
-    manifest = Cache(_settings(tmp_path), None).load(str(tmp_path / "m.pt"))
+    cache = Cache(_settings(tmp_path), None)
+    manifest = cache.load(str(tmp_path / "m.pt"))
+    assert list((tmp_path / "shm").iterdir()) == []  # no file a dead daemon could leave behind
     for arena in manifest.arenas:
-        assert os.stat(arena.path).st_mode & 0o777 == 0o600
+        assert _MEMFD.fullmatch(os.readlink(arena.path))
+        fd = cache.arena_fd(manifest.lease, arena.id)
+        try:
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY  # clients cannot write the cache
+            assert os.fstat(fd).st_size == arena.nbytes
+        finally:
+            os.close(fd)
     layout = manifest.layout
     for entry in layout.tensors:
         assert _arena_bytes(manifest, entry.storage_keys[0]) == sd[entry.name].numpy().tobytes()
@@ -82,7 +126,7 @@ def test_concurrent_loads_read_the_disk_once(tmp_path: Path, monkeypatch: pytest
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 6 and len({r.arenas for r in results}) == 1
+    assert len(results) == 6 and len({tuple(a.id for a in r.arenas) for r in results}) == 1
     assert sum(sent) == 8 * MB  # every storage byte once
 
 
@@ -96,7 +140,7 @@ def test_selective_load_reads_only_what_it_needs_then_tops_up(tmp_path: Path) ->
     assert len(everything.placements) == 4 and cache.checkpoints()[0].resident_bytes["cpu"] < 5 * MB
 
 
-def test_a_replaced_file_is_a_new_checkpoint(tmp_path: Path) -> None:
+def test_a_replaced_file_is_a_new_checkpoint(tmp_path: Path, live: Callable[[], dict[str, int]]) -> None:
     path = tmp_path / "m.pt"
     _save(path, 1, seed=1)
     cache = Cache(_settings(tmp_path), None)
@@ -106,9 +150,9 @@ def test_a_replaced_file_is_a_new_checkpoint(tmp_path: Path) -> None:
     new = cache.load(str(path))
     assert new.checkpoint != old.checkpoint
     assert _arena_bytes(new, "0") == new_sd["layer0"].numpy().tobytes()
-    assert os.path.exists(old.arenas[0].path)  # leased: kept for the client that maps it
+    assert _alive(old.arenas[0])  # leased: kept for the client that maps it
     cache.release(old.lease)
-    assert not os.path.exists(old.arenas[0].path)
+    assert not _alive(old.arenas[0]) and len(live()) == 1
     assert [c.id for c in cache.checkpoints()] == [new.checkpoint]
 
 
@@ -122,10 +166,10 @@ def test_lru_eviction_under_the_budget_spares_leased_checkpoints(tmp_path: Path)
     cache.load(str(tmp_path / "c.pt"))  # must evict b (unleased), never a (leased)
     paths = {Path(c.path).name for c in cache.checkpoints()}
     assert paths == {"a.pt", "c.pt"} and cache.stats()["evictions"] == 1
-    assert os.path.exists(a.arenas[0].path)
+    assert _alive(a.arenas[0])
 
 
-def test_over_budget_is_a_clear_error_and_nothing_changes(tmp_path: Path) -> None:
+def test_over_budget_is_a_clear_error_and_nothing_changes(tmp_path: Path, live: Callable[[], dict[str, int]]) -> None:
     _save(tmp_path / "a.pt", 4)
     _save(tmp_path / "big.pt", 8)
     cache = Cache(_settings(tmp_path, budget=10 * MB), None)
@@ -133,7 +177,7 @@ def test_over_budget_is_a_clear_error_and_nothing_changes(tmp_path: Path) -> Non
     with pytest.raises(ckptd.OverBudgetError, match="host-budget"):
         cache.load(str(tmp_path / "big.pt"))
     assert cache.stats()["resident_bytes"] == {"cpu": cache.checkpoints()[0].resident_bytes["cpu"]}
-    assert len(list((tmp_path / "shm").iterdir())) == 1
+    assert len(live()) == 1
 
 
 def test_expired_leases_are_reaped(tmp_path: Path) -> None:
@@ -164,7 +208,7 @@ def test_evict_refuses_leased_and_frees_unleased(tmp_path: Path) -> None:
     # what was freed, not what is still resident (nothing)
     assert evicted.freed_bytes == resident == {"cpu": sum(arena.nbytes for arena in manifest.arenas)}
     assert evicted.resident_bytes == {"cpu": 0} and evicted.storages_resident == 0
-    assert cache.checkpoints() == [] and not os.path.exists(manifest.arenas[0].path)
+    assert cache.checkpoints() == [] and not _alive(manifest.arenas[0])
     with pytest.raises(ckptd.CheckpointNotFoundError):
         cache.evict(manifest.checkpoint)
 
@@ -187,15 +231,16 @@ def test_paths_outside_the_roots_are_refused_before_opening(tmp_path: Path) -> N
     assert cache.checkpoints() == []
 
 
-def test_close_unlinks_every_arena(tmp_path: Path) -> None:
+def test_close_frees_every_arena(tmp_path: Path, live: Callable[[], dict[str, int]]) -> None:
     _save(tmp_path / "m.pt", 1)
     cache = Cache(_settings(tmp_path), None)
     cache.load(str(tmp_path / "m.pt"))
+    assert len(live()) == 1
     cache.close()
-    assert list((tmp_path / "shm").iterdir()) == []
+    assert live() == {}
 
 
-def test_a_file_truncated_under_the_daemon_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_file_truncated_under_the_daemon_leaves_nothing_behind(tmp_path: Path, live: Callable[[], dict[str, int]]) -> None:
     path = tmp_path / "m.pt"
     _save(path, 4)
     cache = Cache(_settings(tmp_path), None)
@@ -205,7 +250,7 @@ def test_a_file_truncated_under_the_daemon_leaves_nothing_behind(tmp_path: Path)
         f.truncate(os.path.getsize(path) - 2 * MB)
     with pytest.raises(ckptd.CheckpointError):
         cache.load(str(path))
-    assert len(list((tmp_path / "shm").iterdir())) <= 1
+    assert len(live()) <= 1
 
 
 def test_end_session_releases_only_that_sessions_leases(tmp_path: Path) -> None:
@@ -349,15 +394,10 @@ def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
-def _shm_bytes(tmp_path: Path) -> int:
-    """What the cache's arenas really take in shared memory."""
-    return sum(p.stat().st_size for p in (tmp_path / "shm").iterdir())
-
-
-def _assert_no_leak(cache: Cache, tmp_path: Path) -> None:
-    """Every byte in shared memory is an arena stats, ls and the budget know about."""
+def _assert_no_leak(cache: Cache, live: Callable[[], dict[str, int]]) -> None:
+    """Every byte of shared memory alive is an arena stats, ls and the budget know about."""
     listed = sum(c.resident_bytes["cpu"] for c in cache.checkpoints())
-    assert _shm_bytes(tmp_path) == cache.stats()["resident_bytes"]["cpu"] == listed
+    assert sum(live().values()) == cache.stats()["resident_bytes"]["cpu"] == listed
 
 
 def _placed_bytes(manifest: Manifest) -> dict[str, bytes]:
@@ -386,7 +426,7 @@ def _next_ctime_tick(tmp_path: Path, after_ns: int) -> None:
 
 
 def test_evicting_a_checkpoint_during_its_first_load_is_refused_and_leaks_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live: Callable[[], dict[str, int]]
 ) -> None:
     sd = _save(tmp_path / "m.pt", 4)
     cache = Cache(_settings(tmp_path), None)
@@ -399,15 +439,15 @@ def test_evicting_a_checkpoint_during_its_first_load_is_refused_and_leaks_nothin
     thread.join()
     (manifest,) = out
     assert _placed_bytes(manifest) == _expected_bytes(sd)
-    _assert_no_leak(cache, tmp_path)
-    assert _shm_bytes(tmp_path) >= 4 * MB
+    _assert_no_leak(cache, live)
+    assert sum(live().values()) >= 4 * MB
     cache.release(manifest.lease)
     cache.evict(str(tmp_path / "m.pt"))
-    assert _shm_bytes(tmp_path) == 0 and cache.stats()["resident_bytes"]["cpu"] == 0
+    assert sum(live().values()) == 0 and cache.stats()["resident_bytes"]["cpu"] == 0
 
 
 def test_a_load_waiting_on_an_entry_its_first_load_dropped_starts_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live: Callable[[], dict[str, int]]
 ) -> None:
     """The first load fails and drops its entry while a second waits for that entry's lock:
     the second must not fill the dropped entry (an arena nothing would ever free)."""
@@ -441,14 +481,14 @@ def test_a_load_waiting_on_an_entry_its_first_load_dropped_starts_again(
     assert sum(isinstance(o, ckptd.CheckpointError) for o in outcomes) == 1, outcomes
     (manifest,) = [o for o in outcomes if not isinstance(o, BaseException)]
     assert _placed_bytes(manifest) == _expected_bytes(sd)
-    _assert_no_leak(cache, tmp_path)
+    _assert_no_leak(cache, live)
     cache.release(manifest.lease)
     cache.evict(manifest.checkpoint)
-    assert _shm_bytes(tmp_path) == 0
+    assert sum(live().values()) == 0
 
 
 def test_replacing_the_file_during_its_first_load_leaks_nothing_and_serves_the_new_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live: Callable[[], dict[str, int]]
 ) -> None:
     path = tmp_path / "m.pt"
     _save(path, 4, seed=1)
@@ -464,12 +504,12 @@ def test_replacing_the_file_during_its_first_load_leaks_nothing_and_serves_the_n
     thread.join()
     (first,) = out
     assert _placed_bytes(first) == _expected_bytes(new_sd)  # the read of the old file was thrown away
-    _assert_no_leak(cache, tmp_path)
+    _assert_no_leak(cache, live)
     for manifest in (first, second):
         cache.release(manifest.lease)
     assert len(cache.checkpoints()) == 1
     cache.evict(str(path))
-    assert _shm_bytes(tmp_path) == 0 and cache.stats()["resident_bytes"]["cpu"] == 0
+    assert sum(live().values()) == 0 and cache.stats()["resident_bytes"]["cpu"] == 0
 
 
 def test_an_in_place_rewrite_that_restores_the_mtime_is_not_served_stale(tmp_path: Path) -> None:
@@ -507,7 +547,7 @@ def _overwriter(path: Path, contents: list[bytes], tmp_path: Path) -> Callable[[
     return overwrite
 
 
-def test_a_read_torn_by_an_overwrite_is_neither_cached_nor_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_torn_by_an_overwrite_is_neither_cached_nor_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live: Callable[[], dict[str, int]]) -> None:
     path = tmp_path / "m.pt"
     _save(path, 4, seed=1)
     new_sd, new_bytes = _other_version(tmp_path, 4, seed=2)
@@ -525,10 +565,10 @@ def test_a_read_torn_by_an_overwrite_is_neither_cached_nor_returned(tmp_path: Pa
     manifest = cache.load(str(path))
     assert _placed_bytes(manifest) == _expected_bytes(new_sd)
     assert len(cache.checkpoints()) == 1
-    _assert_no_leak(cache, tmp_path)
+    _assert_no_leak(cache, live)
 
 
-def test_a_file_that_keeps_changing_under_every_read_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_that_keeps_changing_under_every_read_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live: Callable[[], dict[str, int]]) -> None:
     path = tmp_path / "m.pt"
     _save(path, 2, seed=1)
     others = [_other_version(tmp_path, 2, seed)[1] for seed in (2, 3, 4)]
@@ -538,7 +578,7 @@ def test_a_file_that_keeps_changing_under_every_read_is_a_clear_error(tmp_path: 
     with pytest.raises(ckptd.CheckpointError, match="changed on disk") as exc:
         cache.load(str(path), tensor_name="layer0")
     assert "m.pt" in str(exc.value)
-    assert cache.checkpoints() == [] and _shm_bytes(tmp_path) == 0
+    assert cache.checkpoints() == [] and sum(live().values()) == 0
 
 
 def _calling_first(befores: list[Callable[[], None]], real: Callable[..., Any]) -> Callable[..., Any]:
@@ -551,3 +591,11 @@ def _calling_first(befores: list[Callable[[], None]], real: Callable[..., Any]) 
         return real(*args, **kwargs)
 
     return wrapped
+
+
+def test_an_identity_is_taken_only_once_the_tick_of_the_files_last_change_is_over(tmp_path: Path) -> None:
+    """Else a write later in that tick would keep the ctime, and a torn read would pass the check."""
+    path = tmp_path / "fresh.pt"
+    path.write_bytes(b"written just now")
+    st = cache_module._settled_stat(str(path))
+    assert st.st_ctime_ns < time.clock_gettime_ns(cache_module._CLOCK_REALTIME_COARSE)
