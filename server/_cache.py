@@ -3,16 +3,19 @@
 A cached checkpoint (an *entry*) is identified by its resolved path's
 ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``, checked at every load and again
 after every read, so a replaced file is a new entry and never served stale, and a read
-the file changed under is neither cached nor returned (the load reads again, once). The
-ctime catches an in-place rewrite that restores the mtime. Its storages live in
-anonymous shared-memory arenas (``memfd``) whose descriptors reach clients over the
-descriptor socket (:meth:`Cache.arena_fd`); clients map them copy-on-write. Nothing is
-named in a filesystem, so the kernel frees an arena with its last user: a SIGKILLed
-daemon leaves behind only what its clients still map, and that goes when they do. Loads of one entry are
-single-flight: the first reads what is missing while the others wait on the entry's
-lock, then find it resident. Under the host budget, least recently used entries that no
-lease holds are evicted; a load that cannot fit fails with :class:`OverBudgetError`
-instead of exhausting memory.
+the file changed under is neither cached nor returned (the load reads the file again).
+The ctime catches an in-place rewrite that restores the mtime.
+
+Storages live in anonymous shared-memory arenas (``memfd``) whose descriptors reach
+clients over the descriptor socket (:meth:`Cache.arena_fd`); clients map them
+copy-on-write. No arena is named in a filesystem, so the kernel frees it with its last
+user: a SIGKILLed daemon leaves behind only what its clients still map, and that goes
+when they do.
+
+Loads of one entry are single-flight: the first reads what is missing while the others
+wait on the entry's lock, then find it resident. Under the host budget, least recently
+used entries that no lease holds are evicted; a load that cannot fit fails with
+:class:`OverBudgetError` instead of exhausting memory.
 
 An entry's life: created by a load, it is *dropped* (arenas freed, forgotten) by
 eviction, by a failed first load, or, once *retired* (its file changed), when its last
@@ -83,7 +86,8 @@ logger = logging.getLogger(__name__)
 Identity = tuple[int, int, int, int, int]
 _CPU = torch.device("cpu")
 _T = TypeVar("_T")
-_ATTEMPTS = 3  # loads of one request: the first, and retries after the file changed under a read
+_ATTEMPTS = 3  # reads of one request: the first, and again after the file changed under a read
+_MAX_TURNS = 1000  # entries one request may find dropped or retired under it before giving up
 
 
 class CacheSettings(Protocol):
@@ -380,23 +384,23 @@ class Cache:
         current one; a read the file changed under is thrown away and done again on the
         file as it is now (``_ATTEMPTS`` in all). A failed first load leaves no trace.
         """
-        changed = False  # not the exception: its traceback would keep the thrown-away arenas mapped
-        for _ in range(_ATTEMPTS):
+        changes = 0  # counted, not kept: an exception's traceback would keep the thrown-away arenas mapped
+        for _ in range(_MAX_TURNS):
             entry = self._entry_for(path)
             try:
                 with entry.lock:
-                    if entry.dropped or entry.stale:
+                    if entry.dropped or entry.stale:  # its first load failed, or its file changed: take the current one
                         continue
                     with self._forget_on_failure(entry):
                         return work(entry)
             except _FileChangedError:
                 logger.info("%s changed while being read; reading it again", entry.path)
-                changed = True
+                changes += 1
             finally:
                 self._forget_if_stale(entry.id)  # retired while this load held it: its turn now
-        if changed:
-            raise CheckpointError(path, f"changed on disk during {_ATTEMPTS} reads in a row; nothing was cached or returned. "
-                                  "Load it again once it is completely written")
+            if changes == _ATTEMPTS:
+                raise CheckpointError(path, f"changed on disk during {_ATTEMPTS} reads in a row; nothing was cached or "
+                                      "returned. Load it again once it is completely written")
         raise CheckpointError(path, "was replaced again and again while being loaded; load it again once it settles")
 
     def _entry_for(self, path: str) -> _Entry:
@@ -655,7 +659,7 @@ class Cache:
                 self._drop(entry)
 
     def _drop(self, entry: _Entry) -> None:
-        """Unlink the entry's arenas (clients' mappings stay valid) and forget it."""
+        """Free the entry's arenas (clients' mappings stay valid) and forget it."""
         if entry.nbytes and entry.id in self.leases.lapsed_checkpoints():
             self._unreclaimed[entry.id] = self._unreclaimed.get(entry.id, 0) + entry.nbytes
         entry.dropped = True

@@ -76,11 +76,14 @@ WORKER = textwrap.dedent(
 
 
 class Worker:
-    """A client process (see :data:`WORKER`)."""
+    """A client process (see :data:`WORKER`); :func:`workers` starts them."""
 
     def __init__(self, script: Path, url: str) -> None:
         self.proc = subprocess.Popen([sys.executable, str(script), url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.pid = int(self._read()["ready"])
+
+    def ready(self) -> Worker:
+        assert "ready" in self._read()
+        return self
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -115,6 +118,14 @@ class Worker:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def workers(script: Path, url: str, n: int, started: list[Worker]) -> list[Worker]:
+    """``n`` client processes, started side by side (each imports torch), once all are ready;
+    each is also added to ``started`` (to kill at the end whatever happens)."""
+    new = [Worker(script, url) for _ in range(n)]
+    started += new
+    return [worker.ready() for worker in new]
 
 
 def digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -253,11 +264,10 @@ def test_clients_killed_mid_load_and_while_holding_leave_nothing(dirs: tuple[Pat
     save(root / "big.pt", 64, seed=2)
     arenas = Arenas()
     daemon = serve(short_socket, root, shm, "--lease-ttl", "2")
-    workers: list[Worker] = []
+    started: list[Worker] = []
     try:
         with ckptd.Client(f"unix://{short_socket}") as admin:
-            holder, loader = Worker(script, f"unix://{short_socket}"), Worker(script, f"unix://{short_socket}")
-            workers += [holder, loader]
+            holder, loader = workers(script, f"unix://{short_socket}", 2, started)
             assert holder.ask("load", path=str(root / "held.pt"))["digests"] == held_sums
             loader.send("load", path=str(root / "big.pt"))
             wait_for(lambda: being_loaded(admin, root / "big.pt"), "the loader's first load to begin")
@@ -270,7 +280,7 @@ def test_clients_killed_mid_load_and_while_holding_leave_nothing(dirs: tuple[Pat
             assert admin.stats()["resident_bytes"]["cpu"] == 0
             assert arenas_of(daemon.pid) == []
     finally:
-        for worker in workers:
+        for worker in started:
             worker.kill()
         stop(daemon)
     arenas.assert_all_freed(64 * MB, shm)
@@ -296,39 +306,40 @@ def test_daemon_killed_mid_load_and_while_clients_hold_then_restarted(dirs: tupl
     root, shm, script = dirs
     url = f"unix://{short_socket}"
     held_sums = save(root / "held.pt", 32, seed=3)
-    save(root / "big.pt", 64, seed=4)
+    big_sums = save(root / "big.pt", 64, seed=4)
     arenas = Arenas()
     first = serve(short_socket, root, shm)
-    workers: list[Worker] = []
+    started: list[Worker] = []
     try:
-        holder, loader = Worker(script, url), Worker(script, url)
-        workers += [holder, loader]
+        holder, loader = workers(script, url, 2, started)
         assert holder.ask("load", path=str(root / "held.pt"))["digests"] == held_sums
         with ckptd.Client(url) as admin:
             loader.send("load", path=str(root / "big.pt"))
             wait_for(lambda: being_loaded(admin, root / "big.pt"), "the loader's first load to begin")
             arenas.note(first.pid)
-        first.kill()  # SIGKILL, mid-load
-        first.wait()
-        assert loader.answer()["ok"] is False  # a clear error, not a hang
-        assert holder.ask("check") == {"ok": True, "held": 1}
+            first.kill()  # SIGKILL, mid-load (most often: a load of 64 MiB from the page cache is quick)
+            first.wait()
+        loaded = loader.answer()  # an answer, not a hang: a clear error, or the load done before the kill
+        logger.info("the load the daemon was killed under: %s", "finished first" if loaded["ok"] else loaded["error"])
+        assert loaded["ok"] is False or loaded["digests"] == big_sums
+        for worker in (holder, loader):
+            assert worker.ask("check")["ok"] is True
         alive = arenas.alive()
-        assert len(alive) == 1, alive  # only what the holder maps outlived the daemon
+        assert len(alive) == 1 + loaded["ok"], alive  # only what clients map outlived the daemon
 
         second = serve(short_socket, root, shm)  # the same socket: the dead daemon's file is replaced
         try:
             assert holder.ask("check") == {"ok": True, "held": 1}
-            fresh = Worker(script, url)
-            workers.append(fresh)
-            assert fresh.ask("load", path=str(root / "held.pt"))["digests"] == held_sums
-            arenas.note(second.pid)
-            assert holder.ask("check") == {"ok": True, "held": 1}
-            for worker in workers:
+            with ckptd.Client(url) as fresh:  # a client of the new daemon, beside those of the dead one
+                assert digests(fresh.load(root / "held.pt")) == held_sums
+                arenas.note(second.pid)
+            for worker in (holder, loader):
+                assert worker.ask("check")["ok"] is True
                 worker.exit()
         finally:
             stop(second)
     finally:
-        for worker in workers:
+        for worker in started:
             worker.kill()
         if first.poll() is None:
             first.kill()
@@ -365,7 +376,7 @@ def test_evict_during_a_first_load_is_refused_and_nothing_leaks(daemon: Daemon, 
     sums = save(path, 64, seed=5)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    loader = Worker(script, daemon.url)
+    loader = Worker(script, daemon.url).ready()
     try:
         loader.send("load", path=str(path))
         wait_for(lambda: being_loaded(client, path), "the first load to begin")
@@ -385,7 +396,7 @@ def test_replacing_a_file_during_its_first_load_leaks_nothing(daemon: Daemon, cl
     old = save(path, 64, seed=6)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    loader = Worker(script, daemon.url)
+    loader = Worker(script, daemon.url).ready()
     try:
         loader.send("load", path=str(path))
         wait_for(lambda: being_loaded(client, path), "the first load to begin")
