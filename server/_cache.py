@@ -461,7 +461,6 @@ class Cache:
                 # the scan's object record is the client's to rebuild from; not kept while cached
                 layout = replace(read_layout(source), scanned=None)
             entry.layout = layout
-            entry.layout = layout
         return entry.layout
 
     def _make_resident(self, entry: _Entry, layout: Layout, keys: list[str]) -> bool:
