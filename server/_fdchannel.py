@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT_S = 5.0
+ACCEPT_RETRY_S = 0.1  # after a failed accept (out of descriptors): every host arena is reached through here
 
 Lookup = Callable[[str, str], int]  # (lease, arena id) -> a new descriptor of the arena, or a CkptdError
 
@@ -54,17 +55,26 @@ class FdServer:
         finally:
             os.umask(old)
         self._sock.listen(64)
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ckptd-fd", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return  # closed
+                conn = self._accept()
+            except OSError as exc:
+                if self._closed.is_set():
+                    return
+                # Out of descriptors (EMFILE) or memory: the client waits in the backlog meanwhile.
+                logger.warning("descriptor socket: accept failed (%s); retrying", exc)
+                self._closed.wait(ACCEPT_RETRY_S)
+                continue
             # One thread per request: a client that connects and says nothing stalls only itself.
             threading.Thread(target=self._answer_and_close, args=(conn,), name="ckptd-fd-request", daemon=True).start()
+
+    def _accept(self) -> socket.socket:
+        return self._sock.accept()[0]
 
     def _answer_and_close(self, conn: socket.socket) -> None:
         with conn:
@@ -93,6 +103,7 @@ class FdServer:
 
     def close(self) -> None:
         """Stop answering and remove the socket file."""
+        self._closed.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()

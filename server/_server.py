@@ -17,6 +17,7 @@ import errno
 import importlib.util
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -114,6 +115,7 @@ class Server:
 
     def serve(self) -> None:
         """Bind, serve until told to stop, then free the cache and remove the socket."""
+        _raise_descriptor_limit()
         sockets = self._bind()
         reaper = threading.Thread(target=self._reap, name="ckptd-reaper", daemon=True)
         try:
@@ -215,6 +217,15 @@ class Server:
             self.cache.close()
         finally:
             self._close_sockets(sockets)
+
+
+def _raise_descriptor_limit() -> None:
+    """Let the daemon open as many descriptors as its hard limit allows: it holds one per
+    host arena (the memory file clients receive), besides its connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        logger.debug("descriptor limit raised from %d to %d", soft, hard)
 
 
 class _Uvicorn(uvicorn.Server):
