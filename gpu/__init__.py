@@ -12,7 +12,8 @@ and torch, on first use).
 The public surface (``__all__``; everything else is private):
 
 * arenas: :class:`Arena`, :func:`allocate`, :func:`cpu_arena`, :func:`shm_arena`,
-  :func:`map_arena`; their layout: :func:`pack`, :func:`align`, :data:`ALIGNMENT`;
+  :func:`map_arena`, :func:`map_fd` (another process's arena, from the descriptor
+  :meth:`Arena.share_fd` gave); their layout: :func:`pack`, :func:`align`, :data:`ALIGNMENT`;
 * reading into them: :class:`Copy`, :func:`fill`, :func:`fill_device`, :func:`chunks`,
   with :data:`DEFAULT_THREADS` reader threads and :data:`DEFAULT_CHUNK_BYTES` chunks;
 * GPU backends: :class:`Devices` (:class:`CudaDevices`, :class:`SimulatedDevices`,
