@@ -231,11 +231,12 @@ class Client(Connection):
             return self._streamed(manifest, map_location), frozenset()
         try:
             arenas = {info.id: self._map(info, manifest.lease) for info in manifest.arenas}
-        except OSError as exc:  # not the daemon's /dev/shm: another host, container or mount namespace
+        except OSError as exc:  # the daemon's memory is out of reach: another host, PID namespace (container) or user
             if self._requested is Transport.SHM:
                 raise DaemonError(
-                    f"cannot map the daemon's shared memory ({exc}); this process does not share the daemon's "
-                    "/dev/shm: use transport='http' (CKPTD_TRANSPORT=http) or 'auto' to stream over HTTP"
+                    f"cannot map the daemon's shared memory ({exc}); this process cannot reach the daemon's memory "
+                    "(another host, container or user): use transport='http' (CKPTD_TRANSPORT=http) or 'auto' to "
+                    "stream over HTTP"
                 ) from exc
             raise _CannotMap(str(exc)) from exc
         self._used(Transport.SHM, manifest)
@@ -305,15 +306,10 @@ class Client(Connection):
 
     def _host_arena_fd(self, info: ArenaInfo, lease: str) -> int:
         """A host-memory arena's descriptor: from the descriptor socket (lease-checked), or
-        over TCP through the daemon's ``/proc`` entry, which must name that very arena."""
+        over TCP through the daemon's ``/proc`` entry (:func:`open_proc_arena`)."""
         if urlparse(self.url).scheme == "unix":
             return receive_fd(self.url, lease, info.id)
-        name = f"/memfd:{(info.handle or {}).get('name')} "  # as /proc shows it: '/memfd:NAME (deleted)'
-        fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)  # OSError: not this host, or not allowed
-        if not os.readlink(f"/proc/self/fd/{fd}").startswith(name):  # another process's, or a reused number
-            os.close(fd)
-            raise FileNotFoundError(f"{info.path} is not the daemon's arena {info.id} (another host?)")
-        return fd
+        return open_proc_arena(info.path, str((info.handle or {}).get("name")))
 
     def _hold(self, manifest: Manifest, build: Callable[[Manifest], Any], again: Callable[[], Manifest]) -> Any:
         """Map the arenas and build the result, then keep its lease until they are unmapped
@@ -536,6 +532,33 @@ def _listening(url: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def open_proc_arena(path: str, name: str) -> int:
+    """A read-only descriptor of the daemon's host arena ``name``, opened through the
+    daemon's descriptor ``path`` (``/proc/PID/fd/N``): how a client on the daemon's host
+    that talks TCP reaches the arena.
+
+    :class:`OSError` where this process cannot: another host or PID namespace (the path
+    is missing, or names another process's file), or not allowed to look into the
+    daemon's descriptors (another user). The client then streams over HTTP (``auto``).
+    The link is checked before opening (never open a pipe or socket of some other
+    process) and the opened file after (the descriptor number may be reused meanwhile).
+
+    >>> open_proc_arena("/proc/self/exe", "ckptd-0123")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /proc/self/exe is not the daemon's arena ckptd-0123 (another host or PID namespace?)
+    """
+    prefix = f"/memfd:{name} "  # as /proc shows it: '/memfd:NAME (deleted)'
+    missing = FileNotFoundError(f"{path} is not the daemon's arena {name} (another host or PID namespace?)")
+    if not os.readlink(path).startswith(prefix):  # OSError: no such process here, or not allowed
+        raise missing
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if not os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+        os.close(fd)
+        raise missing
+    return fd
 
 
 def receive_fd(url: str, lease: str, arena: str) -> int:

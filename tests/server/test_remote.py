@@ -1,11 +1,15 @@
 """Workers that cannot map the daemon's shared memory load over HTTP.
 
-A real daemon listens on a Unix socket and on TCP with a token. The headline test runs a
-worker in its own mount namespace (``unshare -m``) with an empty ``/dev/shm`` of its own,
-the daemon's arena directory and the checkpoint's directory hidden under empty tmpfs
-mounts: it loads through ``http://127.0.0.1:port`` with the token, finds it cannot map,
-streams, and gets torch.load's result. The other tests force ``transport='http'``
-in this process, so the streaming path is covered wherever namespaces are refused.
+A real daemon listens on a Unix socket and on TCP with a token. Its host arenas are
+anonymous memory files (memfd): a client on its Unix socket receives their descriptors,
+one on TCP opens them through the daemon's ``/proc/PID/fd`` entries. The headline test
+runs a worker as a container would: its own PID namespace and ``/proc`` (``unshare -p``),
+its own mount namespace with an empty ``/dev/shm``, the daemon's shared-memory directory
+and the checkpoint's directory hidden under empty tmpfs mounts. It loads through
+``http://127.0.0.1:port`` with the token, finds it cannot map, streams, and gets
+torch.load's result; the same worker without the PID namespace maps (memfd arenas need
+no ``/dev/shm``). The other tests force ``transport='http'`` in this process, so the
+streaming path is covered wherever namespaces are refused.
 """
 
 from __future__ import annotations
@@ -109,14 +113,17 @@ def _merged(index: Path) -> dict[str, torch.Tensor]:
     return {name: merged[name] for name in weight_map}
 
 
-# ------------------------------------------------------------------ a worker in its own mount namespace
+# ------------------------------------------------------------------ a worker in its own namespaces
 
 
-def _namespace_prefix() -> list[str] | None:
-    """``unshare`` that gives a private mount namespace where tmpfs can be mounted (None: refused here)."""
+def _namespace_prefix(pid: bool) -> list[str] | None:
+    """``unshare`` that gives a private mount namespace where tmpfs can be mounted and, with
+    ``pid``, a PID namespace with its own ``/proc`` (None: refused here)."""
     if shutil.which("unshare") is None:
         return None
     prefix = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-m", "-r"]
+    if pid:
+        prefix += ["-p", "-f", "--mount-proc"]
     probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs ckptd-probe /dev/shm"], capture_output=True)
     return prefix if probe.returncode == 0 else None
 
@@ -149,13 +156,10 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_worker_without_the_daemons_memory_or_files_loads_over_http(daemon: Daemon, tmp_path: Path) -> None:
-    prefix = _namespace_prefix()
-    if prefix is None:
-        pytest.skip("no private mount namespace here (unshare -m / -m -r refused): the forced-HTTP tests cover streaming")
-    assert daemon.tcp is not None and daemon.tcp.startswith("http://127.0.0.1:")
+def _run_hidden_worker(daemon: Daemon, work: Path, prefix: list[str]) -> dict[str, object]:
+    """The worker, in the namespaces ``prefix`` makes, with /dev/shm, the daemon's
+    shared-memory directory and the checkpoints' directory hidden: its report."""
     checkpoint, index = _save(daemon.root, "ns.pt"), _sharded(daemon.root)
-    work = tmp_path / "worker"
     work.mkdir()
     shutil.copy(checkpoint, work / "expected.pt")  # the worker compares with torch.load of its own copy
     torch.save(_merged(index), work / "expected_index.pt")
@@ -164,6 +168,7 @@ def test_worker_without_the_daemons_memory_or_files_loads_over_http(daemon: Daem
         'mount -t tmpfs ckptd-test /dev/shm && mount -t tmpfs ckptd-test "$1" && mount -t tmpfs ckptd-test "$2" '
         '&& shift 2 && exec "$@"'
     )
+    assert daemon.tcp is not None
     env = {**os.environ, "CKPTD_URL": daemon.tcp, "CKPTD_TOKEN": TOKEN, "PYTHONPATH": str(TESTS)}
     env.pop("CKPTD_TRANSPORT", None)
     out = work / "report.json"
@@ -173,11 +178,31 @@ def test_worker_without_the_daemons_memory_or_files_loads_over_http(daemon: Daem
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_worker_without_the_daemons_memory_or_files_loads_over_http(daemon: Daemon, tmp_path: Path) -> None:
+    """Another container (PID namespace, own /proc): the daemon's descriptors are out of
+    reach, so the arenas cannot be mapped and the worker streams."""
+    prefix = _namespace_prefix(pid=True)
+    if prefix is None:
+        pytest.skip("no private PID and mount namespace here (unshare refused): the forced-HTTP tests cover streaming")
+    assert daemon.tcp is not None and daemon.tcp.startswith("http://127.0.0.1:")
+    report = _run_hidden_worker(daemon, tmp_path / "worker", prefix)
     assert report == {"sees_checkpoint": False, "dev_shm": [], "daemon_shm": [], "transport": "http", "ok": True}
     assert daemon.proc.poll() is None
     with ckptd.Client(daemon.url, token=TOKEN) as client:
-        assert cached_entry(client, checkpoint)["leases"] == 0  # streamed loads hold no lease afterwards
+        assert cached_entry(client, daemon.root / "ns.pt")["leases"] == 0  # streamed loads hold no lease afterwards
+
+
+def test_worker_without_dev_shm_but_in_the_daemons_pid_namespace_maps(daemon: Daemon, tmp_path: Path) -> None:
+    """Host arenas need no shared-memory directory: a worker that sees the daemon's /proc
+    (same PID namespace, same user) maps them through it even with /dev/shm hidden."""
+    prefix = _namespace_prefix(pid=False)
+    if prefix is None:
+        pytest.skip("no private mount namespace here (unshare -m / -m -r refused)")
+    report = _run_hidden_worker(daemon, tmp_path / "worker", prefix)
+    assert report == {"sees_checkpoint": False, "dev_shm": [], "daemon_shm": [], "transport": "shm", "ok": True}
 
 
 # ------------------------------------------------------------------ forced HTTP in this process
@@ -265,16 +290,17 @@ def test_mapping_is_the_default_where_it_works(daemon: Daemon) -> None:
         assert client.transport_used == "shm" and client.last_fetch is None
 
 
+def _not_allowed(path: str, name: str) -> int:
+    raise PermissionError(13, "Permission denied", path)  # what a worker of another user sees in the daemon's /proc
+
+
 def test_auto_switches_to_http_when_mapping_fails(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = _save(daemon.root, "fallback.pt")
-
-    def no_shm(arena_path: str, nbytes: int) -> object:
-        raise FileNotFoundError(2, "No such file or directory", arena_path)  # what a container without /dev/shm sees
-
-    monkeypatch.setattr("ckptd._client.map_arena", no_shm)
-    with caplog.at_level(logging.INFO, logger="ckptd"), ckptd.Client(daemon.url, token=TOKEN) as client:
+    monkeypatch.setattr("ckptd._client.open_proc_arena", _not_allowed)
+    assert daemon.tcp is not None
+    with caplog.at_level(logging.INFO, logger="ckptd"), ckptd.Client(daemon.tcp, token=TOKEN) as client:
         assert_same(torch.load(path), client.load(path))
         assert client.transport_used == "http"
         assert_same(torch.load(path), client.load(path))  # decided once: the next load streams at once
@@ -286,12 +312,9 @@ def test_auto_switches_to_http_when_mapping_fails(
 
 def test_forced_shm_that_cannot_map_says_so(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _save(daemon.root, "forced_shm.pt")
-
-    def no_shm(arena_path: str, nbytes: int) -> object:
-        raise FileNotFoundError(2, "No such file or directory", arena_path)
-
-    monkeypatch.setattr("ckptd._client.map_arena", no_shm)
-    with ckptd.Client(daemon.url, token=TOKEN, transport="shm") as client:
+    monkeypatch.setattr("ckptd._client.open_proc_arena", _not_allowed)
+    assert daemon.tcp is not None
+    with ckptd.Client(daemon.tcp, token=TOKEN, transport="shm") as client:
         with pytest.raises(ckptd.DaemonError, match="transport='http'"):
             client.load(path)
         assert cached_entry(client, path)["leases"] == 0
