@@ -519,8 +519,15 @@ class Cache:
     @contextlib.contextmanager
     def _unchanged_around(self, entry: _Entry, fd: int | None) -> Iterator[None]:
         """The file is the one identified before the read, and still after it: what was read
-        is not torn by a writer. A read that fails while the file changes failed because of
-        the change (a torn structure is no corrupt file): it is read again too."""
+        is not torn by a writer. A write already under way when the identity was taken is
+        waited for first (its change is in the identity; its bytes must be too). A read that
+        fails while the file changes failed because of the change (a torn structure is no
+        corrupt file): it is read again too."""
+        if fd is not None:
+            try:
+                _wait_for_writes_in_progress(fd)
+            except OSError as exc:
+                raise CheckpointError(entry.path, f"cannot read: {exc.strerror}") from exc
         self._check_unchanged(entry, fd)
         try:
             yield
@@ -742,6 +749,24 @@ def _settled_stat(path: str) -> os.stat_result:
         time.sleep(0.001)
         st = os.stat(path)
     return st
+
+
+def _wait_for_writes_in_progress(fd: int) -> None:
+    """Return once every ``write()`` already begun on the file is complete.
+
+    A write changes the ctime as it begins, then copies its bytes: one that began before
+    the identity was taken changes nothing more when it ends, yet a read that meets it
+    midway gets half old, half new bytes, and no check after the read could tell. The
+    filesystem holds the file's inode lock through a write; seeking for data (ext4,
+    tmpfs, btrfs) and a one-byte read (xfs) take that lock, so they wait for such a write.
+    Called after the identity was taken: writes begun after it show in the check after
+    the read.
+    """
+    position = os.lseek(fd, 0, os.SEEK_CUR)
+    with contextlib.suppress(OSError):  # ENXIO: no data at all (an empty file)
+        os.lseek(fd, 0, os.SEEK_DATA)
+    os.lseek(fd, position, os.SEEK_SET)
+    os.pread(fd, 1, 0)
 
 
 def _identity(st: os.stat_result) -> Identity:

@@ -9,6 +9,7 @@ by their qualified name (``ckptd_testlib.checkpoints.TaggedTensor`` ...); ``test
 * :mod:`ckptd_testlib.daemons` -- a real ``ckptd serve`` subprocess and ways to watch it.
 * :mod:`ckptd_testlib.layout` -- a format reader's layout against the file and torch.load.
 * :mod:`ckptd_testlib.fuzz` -- mutated checkpoints through torch.load and ckptd.load, judged.
+* :mod:`ckptd_testlib.stalls` -- a ``write()`` stopped midway (userfaultfd), for readers that meet it.
 
 Every name is re-exported here (``from ckptd_testlib import assert_same`` keeps working);
 add a new helper to the module of its concern and list it in that module's ``__all__``.
@@ -26,5 +27,7 @@ from .layout import *  # noqa: F403
 from .layout import __all__ as _layout_all
 from .fuzz import *  # noqa: F403
 from .fuzz import __all__ as _fuzz_all
+from .stalls import *  # noqa: F403
+from .stalls import __all__ as _stalls_all
 
-__all__ = [*_compare_all, *_checkpoints_all, *_daemons_all, *_layout_all, *_fuzz_all]
+__all__ = [*_compare_all, *_checkpoints_all, *_daemons_all, *_layout_all, *_fuzz_all, *_stalls_all]

@@ -19,6 +19,7 @@ import ckptd
 from ckptd.engine import Manifest
 from ckptd.server import _cache as cache_module
 from ckptd.server._cache import Cache
+from ckptd_testlib import StalledWrite, StallUnavailable, blocked_in_syscall, wait_for
 
 MB = 1 << 20
 _MEMFD = re.compile(r"/memfd:(ckptd-[0-9a-f]{24}) \(deleted\)")
@@ -599,3 +600,41 @@ def test_an_identity_is_taken_only_once_the_tick_of_the_files_last_change_is_ove
     path.write_bytes(b"written just now")
     st = cache_module._settled_stat(str(path))
     assert st.st_ctime_ns < time.clock_gettime_ns(cache_module._CLOCK_REALTIME_COARSE)
+
+
+_LSEEK, _PREAD64 = 8, 17  # x86-64 system call numbers (StalledWrite runs there only)
+
+
+def test_a_write_in_progress_when_a_load_begins_is_waited_for_not_read_torn(tmp_path: Path) -> None:
+    """A ``write()`` that began before the load (its ctime change already made) and is
+    stopped midway, as a preempted writer is: the load waits for it to finish and returns
+    the new file whole; it never reads the half-written bytes, which no check could spot."""
+    _save(tmp_path / "m.pt", 2, seed=1)
+    new, data = _other_version(tmp_path, 2, seed=2)
+    fd = os.open(tmp_path / "m.pt", os.O_WRONLY)
+    try:
+        try:
+            writer = StalledWrite(fd, data, 0, stall_at=len(data) // 2 // 4096 * 4096)
+        except StallUnavailable as exc:
+            pytest.skip(f"cannot stop a write midway here: {exc}")
+        released = False
+        try:
+            writer.wait_stalled()
+            cache = Cache(_settings(tmp_path), None)
+            load, out = _in_thread(lambda: cache.load(str(tmp_path / "m.pt")))
+            wait_for(lambda: not load.is_alive() or blocked_in_syscall(load, {_LSEEK, _PREAD64}),
+                     "the load to finish or to wait on the write")
+            writer.release()
+            released = True
+            load.join()
+        finally:
+            if not released:
+                writer.release()
+    finally:
+        os.close(fd)
+    (manifest,) = out
+    assert isinstance(manifest, Manifest), manifest
+    assert writer.written == len(data)
+    assert _placed_bytes(manifest) == _expected_bytes(new)
+    cache.release(manifest.lease)
+    cache.close()
