@@ -195,7 +195,8 @@ class Settings(BaseSettings):
     )
     host_tier_budget: int = setting("host memory for GPU arenas evicted from their GPU", metavar="SIZE",
                                     default_text="25% of RAM", default_factory=_default_host_tier_budget)  # fmt: skip
-    shm_dir: Path = setting("where CPU arenas live", metavar="D", default_text="`/dev/shm`", default=Path("/dev/shm"))
+    shm_dir: Path = setting("where simulated GPUs keep their memory (host arenas are anonymous memfds)", metavar="D",
+                            default_text="`/dev/shm`", default=Path("/dev/shm"))
     lease_ttl: float = setting("seconds a lease lives unrenewed", metavar="S", default_text="30", default=30.0, gt=0)
     max_body_bytes: int = setting("largest request body the daemon reads", metavar="SIZE", default_text="1 MiB",
                                   default=1024 * 1024, gt=0)  # fmt: skip
