@@ -13,7 +13,7 @@ import pytest
 
 import ckptd
 from ckptd._client import open_proc_arena
-from ckptd._manifest import ArenaInfo
+from ckptd.engine import ArenaInfo
 from ckptd.gpu import cpu_arena
 
 
