@@ -40,6 +40,7 @@ from ckptd.engine import (
     Select,
     StorageSet,
     UsageError,
+    TABLE_MEDIA,
     adopt_tensors,
     check_daemon_load,
     error_from,
@@ -47,8 +48,10 @@ from ckptd.engine import (
     load_shards,
     make_request,
     rebuild,
+    rebuild_from_table,
     restore,
     settings,
+    table_applies,
     target_tag,
     wanted_entries,
     with_current_device,
@@ -131,7 +134,14 @@ class Client(Connection):
         if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
             return self._load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix,
                                       select, pickle_load_args)
-        manifest = self._manifest(f, map_location, tensor_name, prefix, select)
+        # a plain checkpoint loaded whole comes as a compact table: no pickle, no per-tensor JSON
+        table = tensor_name is None and select is None and table_applies(request.pickle_module, request.pickle_load_args,
+                                                                         request.map_location)
+
+        def ask() -> Manifest:
+            return self._manifest(f, map_location, tensor_name, prefix, select, table=table)
+
+        manifest = ask()
         layout = manifest.layout
         if layout.format is Format.TORCHSCRIPT:
             self._release(manifest.lease)
@@ -141,15 +151,19 @@ class Client(Connection):
         except UsageError:
             self._release(manifest.lease)
             raise
-        wanted = wanted_entries(layout, tensor_name, prefix, select)
-        keys = list(layout.storages) if wanted is None else keys_of(wanted)
 
         def build(manifest: Manifest) -> Any:
+            if manifest.table is not None:
+                arenas, on_gpu = self._arenas(manifest)
+                return rebuild_from_table(manifest.table, arenas, on_gpu, request.map_location)
+            layout = manifest.layout
+            wanted = wanted_entries(layout, tensor_name, prefix, select)
+            keys = list(layout.storages) if wanted is None else keys_of(wanted)
             views, placed = self._views(manifest, request.map_location)
             storages = StorageSet(layout, request.map_location, frozenset(keys), views=views, placed=placed)
             return rebuild(layout, storages, request, tensor_name is not None, wanted)
 
-        return self._hold(manifest, build, lambda: self._manifest(f, map_location, tensor_name, prefix, select))
+        return self._hold(manifest, build, ask)
 
     def _load_sharded(
         self, path: str, map_location: MapLocation, pickle_module: ModuleType | None, weights_only: bool | None,
@@ -189,7 +203,7 @@ class Client(Connection):
 
     def _manifest(
         self, f: FileLike, map_location: MapLocation, tensor_name: str | None, prefix: str | None, select: Select,
-        *, gpus: bool = True,
+        *, gpus: bool = True, table: bool = False,
     ) -> Manifest:
         if not isinstance(f, (str, os.PathLike)):
             raise UsageError("the daemon loads checkpoints by path; pass a path, or load this one embedded with ckptd.load")
@@ -202,7 +216,15 @@ class Client(Connection):
             "devices": self._device_table() if gpus and self._transport is not Transport.HTTP else None,
             "session": self._session.ensure(),  # open before the lease is granted: a death mid-load releases it
         }
-        return Manifest.from_json(self._request("POST", "/v1/load", json=body))
+        if table and self._transport is not Transport.HTTP:  # a streamed load reads the placements
+            body["table"] = True
+        response = self._answer("POST", "/v1/load", json=body)
+        if response.headers.get("content-type") == TABLE_MEDIA:
+            return Manifest.from_bytes(response.content)
+        try:
+            return Manifest.from_json(response.json())
+        except ValueError as exc:
+            raise DaemonError(f"the daemon's answer to a load is not JSON ({exc})") from exc
 
     def _local_devices(self) -> Devices | None:
         """This process's GPUs: identity (ordinal ↔ UUID) and handle opening only."""
@@ -229,6 +251,13 @@ class Client(Connection):
         once per process, or streamed here over HTTP), and the keys already on their GPU."""
         if self._transport is Transport.HTTP:
             return self._streamed(manifest, map_location), frozenset()
+        arenas, on_gpu = self._arenas(manifest)
+        views = {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
+        return views, frozenset(p.key for p in manifest.placements if p.arena in on_gpu)
+
+    def _arenas(self, manifest: Manifest) -> tuple[dict[str, torch.UntypedStorage], frozenset[str]]:
+        """Every arena of the manifest, mapped or opened (once per process), and the ids of
+        those on a GPU."""
         try:
             arenas = {info.id: self._map(info, manifest.lease) for info in manifest.arenas}
         except OSError as exc:  # the daemon's memory is out of reach: another host, PID namespace (container) or user
@@ -240,9 +269,7 @@ class Client(Connection):
                 ) from exc
             raise _CannotMap(str(exc)) from exc
         self._used(Transport.SHM, manifest)
-        on_gpu = {info.id for info in manifest.arenas if info.device != "cpu"}
-        views = {p.key: arenas[p.arena][p.offset : p.offset + p.nbytes] for p in manifest.placements}
-        return views, frozenset(p.key for p in manifest.placements if p.arena in on_gpu)
+        return arenas, frozenset(info.id for info in manifest.arenas if info.device != "cpu")
 
     def _streamed(self, manifest: Manifest, map_location: MapLocation) -> dict[str, torch.UntypedStorage]:
         """The manifest's storages streamed from the daemon's resident copy into this

@@ -85,17 +85,25 @@ class Connection:
 
     def _request(self, method: str, url: str, **kwargs: Any) -> Any:
         """The daemon's JSON answer (None for 204); any failure raised as a ckptd error."""
-        with transport_errors(self.url):
-            response = self._http.request(method, url, **kwargs)
+        response = self._answer(method, url, **kwargs)
         if response.status_code == 204:
             return None
         try:
-            body = response.json()
+            return response.json()
         except ValueError:
-            body = None
+            return None
+
+    def _answer(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """The daemon's answer, read whole; an error status or any failure raised as a ckptd error."""
+        with transport_errors(self.url):
+            response = self._http.request(method, url, **kwargs)
         if response.is_error:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
             raise error_from(response.status_code, body)
-        return body
+        return response
 
 
 def _summed(path: str, infos: list[dict[str, Any]]) -> dict[str, Any]:

@@ -65,7 +65,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ckptd import engine
-from ckptd.engine import CHECKSUM_HEADER, AuthenticationError, CkptdError, DaemonError, UsageError, error_body, status_for
+from ckptd.engine import (
+    CHECKSUM_HEADER,
+    TABLE_MEDIA,
+    AuthenticationError,
+    CkptdError,
+    DaemonError,
+    Manifest,
+    UsageError,
+    error_body,
+    status_for,
+)
 
 from ._config import Settings
 from ._metrics import Metrics
@@ -79,6 +89,7 @@ from ._schema import (
     StatsModel,
     error_responses,
 )
+from ._tables import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +202,11 @@ class LoadRequest(BaseModel):
     )
     session: Id | None = Field(
         default=None, description="the client's session (GET /v1/sessions/{id}): leases end with it"
+    )
+    table: bool = Field(
+        default=False,
+        description="the client rebuilds plain checkpoints from a compact table: send one where the "
+        "checkpoint is plain and neither tensor_name nor select is given",
     )
 
     @model_validator(mode="after")
@@ -462,6 +478,11 @@ HEARTBEATS = {"description": "a newline every few seconds while the session live
 PROMETHEUS = {"description": "Prometheus text exposition", "content": TEXT}
 BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 ARENA_BYTES = {"description": "the whole arena; X-Ckptd-CRC32 is the CRC-32 of the bytes sent", "content": BYTES}
+TABLE_ANSWER = {
+    "description": "the manifest; when the request asked for a table and the checkpoint is plain, "
+    f"{TABLE_MEDIA}: 4 bytes (big-endian) of length N, N bytes of the manifest's JSON, then the compact table",
+    "content": {TABLE_MEDIA: {"schema": {"type": "string", "format": "binary"}}},
+}
 ARENA_RANGE = {"description": "the range asked for (Range: bytes=A-B); X-Ckptd-CRC32 as above", "content": BYTES}
 
 
@@ -507,12 +528,13 @@ class RangeChecksums:
 
 def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
     checksums = RangeChecksums()
+    tables = Tables()
 
     @app.post(
         "/v1/load", tags=["load"], summary="Load a checkpoint: its manifest, under a new lease",
-        response_model=ManifestModel, responses=error_responses(401, *LOAD_ERRORS, 500),
+        response_model=ManifestModel, responses={200: TABLE_ANSWER, **error_responses(401, *LOAD_ERRORS, 500)},
     )  # fmt: skip
-    def load(request: LoadRequest) -> JSONResponse:
+    def load(request: LoadRequest) -> Response:
         manifest = cache.load(
             request.path,
             map_location=request.map_location,
@@ -522,6 +544,10 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
             devices=request.devices,
             session=request.session,
         )
+        if request.table and request.tensor_name is None and request.select is None and isinstance(manifest, Manifest):
+            manifest = tables.attach(manifest)
+            if manifest.table is not None:
+                return Response(manifest.to_bytes(), media_type=TABLE_MEDIA)
         return JSONResponse(manifest.to_json())
 
     @app.post(

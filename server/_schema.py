@@ -90,6 +90,11 @@ class ManifestModel(_Answer):
     placements: list[PlacementModel]
     lease: str
     lease_ttl: float = Field(description="seconds the lease lives unless renewed")
+    table: str | None = Field(
+        default=None,
+        description="base64: a plain checkpoint's compact table, sent when the request asked for one; "
+        "the layout's storages, tensors and pickle and the placements are then empty",
+    )
 
 
 class ShardedIndexModel(_Answer):

@@ -14,7 +14,11 @@ Importing it is torch-free: each name that needs torch imports its module on fir
   storage), :func:`with_current_device`, :func:`restore` (a storage moved to its target);
 * reading: :func:`read_storages` (storages read into arenas), :class:`StorageSet`;
 * the manifest a daemon's client attaches from: :class:`Manifest`, :class:`ArenaInfo`,
-  :class:`Placement`;
+  :class:`Placement`; the compact table a plain checkpoint loaded whole travels as
+  instead of its pickle and per-tensor JSON: :func:`describe_table` (the daemon, once per
+  checkpoint), :func:`encode_table` (with the arenas' places), :class:`TableSpec`,
+  :func:`table_applies` (whether a load's options allow one), :func:`rebuild_from_table`
+  (the client), :data:`TABLE_MEDIA` (the media type of an answer carrying one);
 * the protocol both ends of the daemon agree on (no transport): :func:`status_for`,
   :func:`error_body`, :func:`error_from`, :data:`CHECKSUM_HEADER` (the header carrying the
   CRC-32 of an arena range streamed to a worker);
@@ -68,7 +72,7 @@ from ._exceptions import (
     UnsupportedFormatError,
     UsageError,
 )
-from ._protocol import CHECKSUM_HEADER, error_body, error_from, status_for
+from ._protocol import CHECKSUM_HEADER, TABLE_MEDIA, error_body, error_from, status_for
 from ._settings import ClientSettings, client_variables, default_socket, parse_size, settings
 
 if TYPE_CHECKING:
@@ -80,6 +84,7 @@ if TYPE_CHECKING:
     from ._placement import MapLocation, restore, target_tag, with_current_device
     from ._select import Select
     from ._storages import StorageSet, read_storages
+    from ._table import TableSpec, describe_table, encode_table, rebuild_from_table, table_applies
 
 __version__ = "0.1.0"
 
@@ -95,10 +100,12 @@ _LAZY = {
     **dict.fromkeys(("MapLocation", "restore", "target_tag", "with_current_device"), "._placement"),
     "Select": "._select",
     **dict.fromkeys(("StorageSet", "read_storages"), "._storages"),
+    **dict.fromkeys(("TableSpec", "describe_table", "encode_table", "rebuild_from_table", "table_applies"), "._table"),
 }
 
 __all__ = [
     "CHECKSUM_HEADER",
+    "TABLE_MEDIA",
     "ArenaInfo",
     "AuthenticationError",
     "CheckpointBusyError",
@@ -124,6 +131,7 @@ __all__ = [
     "Select",
     "StorageMismatchError",
     "StorageSet",
+    "TableSpec",
     "TensorNotFoundError",
     "UnpicklingError",
     "UnsupportedFormatError",
@@ -133,6 +141,8 @@ __all__ = [
     "check_daemon_load",
     "client_variables",
     "default_socket",
+    "describe_table",
+    "encode_table",
     "error_body",
     "error_from",
     "inspect",
@@ -144,9 +154,11 @@ __all__ = [
     "parse_size",
     "read_storages",
     "rebuild",
+    "rebuild_from_table",
     "restore",
     "settings",
     "status_for",
+    "table_applies",
     "target_tag",
     "wanted_entries",
     "with_current_device",

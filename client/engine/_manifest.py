@@ -9,13 +9,16 @@ used by both ends.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ckptd.formats import CheckpointError, Format, Layout, StorageRecord, TensorEntry
+
+from ._protocol import TABLE_MEDIA
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -64,9 +67,18 @@ class Manifest:
     placements: tuple[Placement, ...]
     lease: str
     lease_ttl: float
+    # A plain checkpoint's compact table (ckptd.engine._table), sent in place of the layout's
+    # storages, tensors and pickle and of the placements, which are then empty.
+    table: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON body the daemon sends."""
+        body = self._head()
+        if self.table is not None:
+            body["table"] = base64.b64encode(self.table).decode()
+        return body
+
+    def _head(self) -> dict[str, Any]:
         return {
             "checkpoint": self.checkpoint,
             "path": self.path,
@@ -76,6 +88,34 @@ class Manifest:
             "lease": self.lease,
             "lease_ttl": self.lease_ttl,
         }
+
+    def to_bytes(self) -> bytes:
+        """The answer when a table travels (media type ``TABLE_MEDIA``): 4 bytes of
+        length, the JSON of everything else, then the table as it is (base64 and a JSON
+        string of a 20,000-tensor table cost more than building the tensors).
+
+        >>> from ckptd.formats import Format, Layout
+        >>> m = Manifest("c", "/m.pt", Layout("m.pt", Format.TORCH_ZIP, 1, {}, ()), (), (), "l", 30.0, b"T")
+        >>> Manifest.from_bytes(m.to_bytes()) == m
+        True
+        """
+        if self.table is None:
+            raise ValueError("a manifest without a table travels as JSON (to_json)")
+        head = json.dumps(self._head()).encode()
+        return len(head).to_bytes(4, "big") + head + self.table
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse what :meth:`to_bytes` produced; a malformed body is a :class:`CheckpointError`."""
+        size = int.from_bytes(data[:4], "big")
+        if len(data) < 4 + size:
+            raise CheckpointError("<manifest>", "malformed manifest from the daemon (truncated)")
+        try:
+            head = json.loads(data[4 : 4 + size])
+        except ValueError as exc:
+            raise CheckpointError("<manifest>", f"malformed manifest from the daemon ({exc!r})") from exc
+        manifest = cls.from_json(head)
+        return replace(manifest, table=data[4 + size :])
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Manifest:
@@ -89,6 +129,7 @@ class Manifest:
                 placements=tuple(Placement(**p) for p in body["placements"]),
                 lease=str(body["lease"]),
                 lease_ttl=float(body["lease_ttl"]),
+                table=base64.b64decode(body["table"]) if body.get("table") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError("<manifest>", f"malformed manifest from the daemon ({exc!r})") from exc

@@ -16,6 +16,8 @@ from . import _exceptions as errors
 
 # The CRC-32 (zlib's, 8 hex digits) of the bytes of a range the daemon sends from an arena.
 CHECKSUM_HEADER = "X-Ckptd-CRC32"
+# The media type of a load's answer that carries a compact table (Manifest.to_bytes).
+TABLE_MEDIA = "application/vnd.ckptd.manifest-table"
 
 STATUS: dict[type[errors.CkptdError], int] = {
     errors.AuthenticationError: 401,

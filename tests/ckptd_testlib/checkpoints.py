@@ -37,6 +37,8 @@ __all__ = [
     "ALL_VARIANTS",
     "Entry",
     "CORPUS",
+    "PLAIN_CASES",
+    "NOT_PLAIN_CASES",
     "corpus",
     "ALL_DTYPES",
     "CORE",
@@ -524,3 +526,15 @@ def saved_as(tag: str) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.serialization, "location_tag", lambda storage: tag)
         yield
+
+
+# Corpus cases whose object the plain rebuild (and the compact table) makes; the rest hold
+# what only torch's unpickler makes: bytes, complex, sets, dtypes (nested_containers),
+# _rebuild_tensor_v3 dtypes (all_dtypes), quantized tensors, subclasses, custom objects,
+# whole modules.
+PLAIN_CASES = frozenset(
+    "module_state_dict plain_dict views_and_ties parameters legacy_dtypes zero_dim_and_empty "
+    "memory_formats transformer resnet_state_dict adam_state bare_tensor top_level_list int_keys "
+    "many_small big_tensor".split()
+)
+NOT_PLAIN_CASES = frozenset("nested_containers all_dtypes quantized tensor_subclass custom_object whole_module".split())

@@ -20,17 +20,11 @@ import torch
 import ckptd
 import ckptd.engine._load
 from ckptd.engine._rebuild import plain_opcodes, rebuild_plain
-from ckptd_testlib import CORPUS, LocationRecorder, assert_conform, assert_same, load_both, rewrite_zip
-
-# Corpus cases the plain rebuild makes (zip variants); the rest hold what only torch's
-# unpickler makes: bytes, complex, sets, dtypes (nested_containers), _rebuild_tensor_v3
-# dtypes (all_dtypes), quantized tensors, subclasses, custom objects, whole modules.
-PLAIN = frozenset(
-    "module_state_dict plain_dict views_and_ties parameters legacy_dtypes zero_dim_and_empty "
-    "memory_formats transformer resnet_state_dict adam_state bare_tensor top_level_list int_keys "
-    "many_small big_tensor".split()
+from ckptd_testlib import (
+    CORPUS, NOT_PLAIN_CASES, PLAIN_CASES, LocationRecorder, assert_conform, assert_same, load_both, rewrite_zip,
 )
-NOT_PLAIN = frozenset("nested_containers all_dtypes quantized tensor_subclass custom_object whole_module".split())
+
+PLAIN, NOT_PLAIN = PLAIN_CASES, NOT_PLAIN_CASES  # which corpus cases the plain rebuild makes
 
 
 @pytest.fixture
@@ -238,7 +232,8 @@ def test_opcode_check() -> None:
 
 
 def test_through_the_daemon(tmp_path_factory: pytest.TempPathFactory, taken: list[bool]) -> None:
-    """A worker rebuilds from the manifest's pickle with the plain rebuild too: same object, shared arena."""
+    """A worker rebuilds a selective load from the manifest's pickle with the plain rebuild too
+    (a whole load comes as a compact table: tests/server/test_table_attach.py): same object, shared arena."""
     from ckptd_testlib import daemon_in
 
     for daemon in daemon_in(tmp_path_factory.mktemp("plain-daemon")):
@@ -247,11 +242,15 @@ def test_through_the_daemon(tmp_path_factory: pytest.TempPathFactory, taken: lis
         obj = {"sd": sd, "base": base, "row": base[1], "tied": base, "p": torch.nn.Parameter(torch.ones(2))}
         path = daemon.root / "plain.pt"
         torch.save(obj, path)
+        names = ["sd.0.weight", "base", "row", "tied", "p"]
         with ckptd.Client(daemon.url) as client:
-            got = client.load(path)
-            assert_same(torch.load(path), got)
+            got = client.load(path, select=names)
+            expected = torch.load(path)
+            assert_same({"sd.0.weight": expected["sd"]["0.weight"], **{k: expected[k] for k in names[1:]}}, got)
             assert taken == [True]
-            assert got["sd"]._metadata == sd._metadata and got["tied"] is got["base"]
-            again = client.load(path)  # warm: the same arena, mapped once
+            assert got["tied"] is got["base"]
+            again = client.load(path, select=names)  # warm: the same arena, mapped once
             assert again["base"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
+            assert taken == [True, True]
+            client.load(path)  # whole: from the table, not the pickle
             assert taken == [True, True]

@@ -274,7 +274,7 @@ def test_openapi_lists_the_v1_routes(client: TestClient) -> None:
     assert {"/healthz", "/metrics"} <= set(paths)
     load_body = schema["components"]["schemas"]["LoadRequest"]
     assert load_body["additionalProperties"] is False
-    assert set(load_body["properties"]) == {"path", "map_location", "tensor_name", "prefix", "select", "devices", "session"}
+    assert set(load_body["properties"]) == {"path", "map_location", "tensor_name", "prefix", "select", "devices", "session", "table"}
     assert client.get("/docs").status_code == 200
 
 

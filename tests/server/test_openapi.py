@@ -8,6 +8,7 @@ browser opens offline without the token.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import jsonschema
 import pytest
 import torch
 
+from ckptd.engine import TABLE_MEDIA
 from ckptd_testlib import Daemon, daemon_in
 
 TOKEN = "s3cret-openapi"
@@ -66,8 +68,8 @@ def test_every_operation_documents_its_answer_and_its_errors(schema: dict[str, A
         assert successes, (method, path)
         for success in successes:
             if success != "204":
-                (body,) = responses[success]["content"].values()
-                assert body["schema"] not in ({}, None), (method, path)  # not the `{}` FastAPI infers from a Response
+                for body in responses[success]["content"].values():  # a load's table answer is a second type
+                    assert body["schema"] not in ({}, None), (method, path)  # not the `{}` FastAPI infers from a Response
         errors = [status for status in responses if status[0] in "45"]
         assert "500" in errors, (method, path)
         for status in errors:
@@ -118,6 +120,14 @@ def test_docs_open_offline_without_the_token(daemon: Daemon) -> None:
 # --- real answers against the schema ---------------------------------------------------
 
 
+def _manifest_json(response: httpx.Response) -> Any:
+    """A load's answer as JSON: the whole body, or a table answer's JSON part."""
+    if response.headers["content-type"] != TABLE_MEDIA:
+        return response.json()
+    size = int.from_bytes(response.content[:4], "big")
+    return json.loads(response.content[4 : 4 + size])
+
+
 def _check(schema: dict[str, Any], method: str, path: str, response: httpx.Response) -> None:
     """``response`` is documented for (method, path) and its body is valid against the schema."""
     documented = schema["paths"][path][method]["responses"]
@@ -128,7 +138,12 @@ def _check(schema: dict[str, Any], method: str, path: str, response: httpx.Respo
         return
     media = response.headers["content-type"].split(";")[0]
     body_schema = documented[status]["content"][media]["schema"]
-    body = response.text if media == "text/plain" else response.json()
+    if media == TABLE_MEDIA:  # binary, as documented; its JSON part is the manifest's JSON shape
+        assert body_schema == {"type": "string", "format": "binary"}
+        body_schema = documented[status]["content"]["application/json"]["schema"]
+        body = _manifest_json(response)
+    else:
+        body = response.text if media == "text/plain" else response.json()
     jsonschema.Draft202012Validator({**body_schema, "components": schema["components"]}).validate(body)
 
 
@@ -141,6 +156,7 @@ def test_answers_match_the_schema(schema: dict[str, Any], daemon: Daemon, http: 
         ("get", "/healthz", lambda: http.get("/healthz"), 200),
         ("post", "/v1/prefetch", lambda: http.post("/v1/prefetch", json={"path": str(path)}), 200),
         ("post", "/v1/load", lambda: http.post("/v1/load", json={"path": str(path), "map_location": "cpu"}), 200),
+        ("post", "/v1/load", lambda: http.post("/v1/load", json={"path": str(path), "table": True}), 200),
         ("get", "/v1/checkpoints", lambda: http.get("/v1/checkpoints"), 200),
         ("get", "/v1/stats", lambda: http.get("/v1/stats"), 200),
         ("get", "/metrics", lambda: http.get("/metrics"), 200),
@@ -160,9 +176,10 @@ def test_answers_match_the_schema(schema: dict[str, Any], daemon: Daemon, http: 
         assert response.status_code == status, (method, template, response.text)
         _check(schema, method, template, response)
         if template == "/v1/load" and status == 200:
-            leases.append(response.json()["lease"])
+            leases.append(_manifest_json(response)["lease"])
 
-    (lease,) = leases
+    lease, table_lease = leases
+    assert http.delete(f"/v1/leases/{table_lease}").status_code == 204
     renewed = http.post(f"/v1/leases/{lease}/renew")
     _check(schema, "post", "/v1/leases/{lease}/renew", renewed)
     busy = http.delete("/v1/checkpoints", params={"ident": str(path)})
