@@ -256,25 +256,27 @@ class _Storages:
 
     def resolve(self) -> list[torch.UntypedStorage]:
         cache: dict[str, torch.UntypedStorage] = {}  # torch's loaded_storages: by key, non-empty only
-        arenas, placed, as_is = self.arenas, self.placed, self._as_is()
+        arenas, placed = self.arenas, self.placed
+        as_is: dict[str, bool] = {}  # saved location -> its storages stay in host memory
         out = []
         append = out.append
         for key, nbytes, location, arena, offset in self.refs:  # tens of thousands: kept lean
             storage = cache.get(key)
             if storage is None:
-                if arena is not None and (arena in placed or location in as_is):
+                if arena is not None and arena in placed:  # already on its GPU: no target worked out
                     storage = arenas[arena][offset : offset + nbytes]
                 else:
-                    storage = self._storage(nbytes, location, arena, offset)
+                    host = as_is.get(location)
+                    if host is None:
+                        host = as_is[location] = self._target(location)[1] == _CPU
+                    if arena is not None and host:  # a host arena's view is final
+                        storage = arenas[arena][offset : offset + nbytes]
+                    else:
+                        storage = self._storage(nbytes, location, arena, offset)
                 if storage.data_ptr() != 0:
                     cache[key] = storage
             append(storage)
         return out
-
-    def _as_is(self) -> frozenset[str]:
-        """Saved locations whose storages stay in host memory: a host arena's view is final."""
-        locations = {location for _, _, location, _, _ in self.refs}
-        return frozenset(location for location in locations if self._target(location)[1] == _CPU)
 
     def _storage(self, nbytes: int, location: str, arena: str | None, offset: int) -> torch.UntypedStorage:
         if arena is None:  # nothing resident: an empty storage, or one map_location sends to meta
