@@ -32,6 +32,7 @@ UUID table, so ``cuda:0`` under ``CUDA_VISIBLE_DEVICES=1`` is the daemon's GPU 1
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -80,6 +81,7 @@ from ckptd.gpu import Arena, cpu_arena
 
 from ._devtier import DeviceTier
 from ._leases import LeaseTable
+from ._policy import TierPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +178,13 @@ class Cache:
         self.leases = LeaseTable(settings.lease_ttl)
         self._entries: dict[str, _Entry] = {}
         self._current: dict[str, str] = {}  # resolved path -> id of the entry serving it
-        self._reserved = 0  # bytes being read right now, already counted against the budget
         self._evictions = 0
         self._lock = threading.RLock()
+        # Host memory is a tier like each GPU: the same budget / LRU / lease policy.
+        self._host: TierPolicy[_Entry] = TierPolicy(
+            "host memory", self._budget, self._lock, self._entries.values, self._evict_entry, self._evicted,
+            unheld=self._unreclaimed_bytes,
+        )
         self._tier = tier
         self._unreclaimed: dict[str, int] = {}  # dropped entry -> bytes clients with lapsed leases may map
         self._gpu_evictions_reported = 0
@@ -469,12 +475,9 @@ class Cache:
         if not missing:
             return False
         need = sum(layout.storages[k].nbytes for k in missing) + 64 * len(missing)
-        self._reserve(need, entry)
-        try:
+        refusal = functools.partial(self._over_budget_message, loading=entry)
+        with self._host.reservation(need, lambda other: self._may_evict(other, entry), refusal):
             self._read(entry, layout, missing)
-        finally:
-            with self._lock:
-                self._reserved -= need
         self._report()
         return True
 
@@ -612,27 +615,21 @@ class Cache:
 
     # --- budget and eviction ----------------------------------------------------------
 
-    def _reserve(self, nbytes: int, loading: _Entry) -> None:
-        """Count ``nbytes`` against the budget, evicting unleased entries (LRU first) to fit."""
-        with self._lock:
-            while self._resident() + self._unreclaimed_bytes() + self._reserved + nbytes > self._budget:
-                victim = self._lru_victim(loading)
-                if victim is None:
-                    raise OverBudgetError(self._over_budget_message(nbytes, loading))
-                logger.info("evicting %s (%d bytes) to make room", victim.path, victim.nbytes)
-                self._drop(victim)
-                self._evictions += 1
-                if self._metrics:
-                    self._metrics.evicted()
-            self._reserved += nbytes
+    def _may_evict(self, entry: _Entry, loading: _Entry) -> bool:
+        """An entry may go to make room: it holds host memory, and no lease and no load holds it."""
+        return entry is not loading and bool(entry.arenas) and not self.leases.count(entry.id) and not entry.lock.locked()
 
-    def _lru_victim(self, loading: _Entry) -> _Entry | None:
-        candidates = [
-            e for e in self._entries.values() if e is not loading and e.arenas and not self.leases.count(e.id) and not e.lock.locked()
-        ]
-        return min(candidates, key=lambda e: e.last_used, default=None)
+    def _evict_entry(self, entry: _Entry) -> None:
+        """The host policy's eviction: drop the entry (lock held)."""
+        logger.info("evicting %s (%d bytes) to make room", entry.path, entry.nbytes)
+        self._drop(entry)
+        self._evictions += 1
 
-    def _over_budget_message(self, nbytes: int, loading: _Entry) -> str:
+    def _evicted(self, _entry: _Entry) -> None:
+        if self._metrics:
+            self._metrics.evicted()
+
+    def _over_budget_message(self, nbytes: int, used: int, *, loading: _Entry) -> str:
         held = sum(e.nbytes for e in self._entries.values() if self.leases.count(e.id))
         return (
             f"{loading.path}: needs {nbytes} more bytes of host memory; the host budget is {self._budget} bytes, "

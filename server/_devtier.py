@@ -9,14 +9,17 @@ place that has them:
 3. the cache's host arenas (the storages are host-resident anyway): host → device;
 4. the file: chunked reads through host staging, host → device.
 
-Under a GPU's budget, the least recently used arenas of checkpoints no lease holds move to
-the host tier (under its own budget; past it they are freed). Leased arenas are never
-touched, and a load that cannot fit raises :class:`OverBudgetError` naming the GPU: over
-its budget, or out of memory on the GPU itself after evicting what it may.
+Each GPU, and the host tier, is a tier under the cache's one policy (``_policy``, shared
+with host memory): under a GPU's budget, the least recently used arenas of checkpoints no
+lease holds move to the host tier (under its own budget, least recently used copies
+first; past it they are freed). Leased arenas are never touched, and a load that cannot
+fit raises :class:`OverBudgetError` naming the GPU: over its budget, or out of memory on
+the GPU itself after evicting what it may.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -27,6 +30,8 @@ from dataclasses import dataclass, field
 from ckptd.engine import ArenaInfo, OverBudgetError, Placement, UsageError
 from ckptd.formats import Layout
 from ckptd.gpu import Copy, DeviceBuffer, DeviceOutOfMemoryError, Devices, pack
+
+from ._policy import TierPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +60,13 @@ class _GpuArena:
     uuid: str
     buffer: DeviceBuffer
     placements: dict[str, Placement]
+    entry_id: str  # the checkpoint it belongs to (what a lease holds)
     handle: dict[str, object] = field(default_factory=dict)  # exported once, handed to every client
     last_used: float = field(default_factory=time.time)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
 
 
 @dataclass(eq=False)
@@ -66,7 +76,12 @@ class _TierCopy:
     uuid: str
     host: memoryview  # pinned where the backend pins: it comes back at host-to-device speed
     placements: dict[str, Placement]
+    entry_id: str
     last_used: float = field(default_factory=time.time)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.host)
 
 
 @dataclass
@@ -97,9 +112,25 @@ class DeviceTier:
         self.host_tier_budget = host_tier_budget
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
-        self._reserved: dict[str, int] = {}  # uuid -> bytes being placed right now
         self.evictions = 0
         self.promotions = 0
+        # One policy per GPU, and one for the host tier: the cache's host memory runs the same.
+        self._gpus: dict[str, TierPolicy[_GpuArena]] = {}
+        self._host_tier: TierPolicy[_TierCopy] = TierPolicy(
+            "host tier", host_tier_budget, self._lock, self._tier_copies, self._detach_copy
+        )
+
+    def _gpu(self, uuid: str) -> TierPolicy[_GpuArena]:
+        """GPU ``uuid``'s policy (no limit for a GPU without a budget)."""
+        with self._lock:
+            policy = self._gpus.get(uuid)
+            if policy is None:
+                policy = self._gpus[uuid] = TierPolicy(
+                    f"GPU {uuid}", self.budgets.get(uuid), self._lock,
+                    lambda: [a for e in self._entries.values() for a in e.arenas if a.uuid == uuid],
+                    self._detach_arena, self._to_host_tier,
+                )
+            return policy
 
     # --- loading --------------------------------------------------------------------
 
@@ -117,9 +148,9 @@ class DeviceTier:
         if not missing:
             return 0, 0
         offsets, total = pack(layout.storages[k].nbytes for k in missing)
-        self._reserve(uuid, total, entry_id, evictable)
-        try:
-            buffer = self._allocate(uuid, total, entry_id, evictable)
+        may_go = self._evictable_besides(entry_id, evictable)
+        with self._gpu(uuid).reservation(total, may_go, functools.partial(self._over_budget_message, uuid)):
+            buffer = self._allocate(uuid, total, may_go)
             try:
                 from_file = self._fill(entry, path, layout, uuid, buffer, dict(zip(missing, offsets)), host)
             except BaseException:
@@ -127,12 +158,9 @@ class DeviceTier:
                 raise
             arena_id = f"gpu-{secrets.token_hex(8)}"
             placements = {k: Placement(k, arena_id, off, layout.storages[k].nbytes) for k, off in zip(missing, offsets)}
-            arena = _GpuArena(arena_id, uuid, buffer, placements, buffer.export())
+            arena = _GpuArena(arena_id, uuid, buffer, placements, entry_id, buffer.export())
             with self._lock:
                 entry.arenas.append(arena)
-        finally:
-            with self._lock:
-                self._reserved[uuid] -= total
         self._retire_promoted(entry, uuid)
         return len(missing), from_file
 
@@ -165,7 +193,8 @@ class DeviceTier:
             on_gpu = set(entry.placed(uuid))
             done = [c for c in entry.tier if c.uuid == uuid and set(c.placements) <= on_gpu]
         for copy in done:
-            self._drop_tier(entry, copy)
+            with self._lock:
+                self._detach_copy(copy)
             self.promotions += 1
 
     # --- what clients get -------------------------------------------------------------
@@ -218,27 +247,20 @@ class DeviceTier:
         return totals
 
     def tier_bytes(self) -> int:
-        with self._lock:
-            return sum(len(c.host) for e in self._entries.values() for c in e.tier)
+        return self._host_tier.resident()
 
-    def _reserve(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> None:
-        """Count ``nbytes`` against the GPU's budget, moving unleased arenas (LRU first) out to fit."""
-        budget = self.budgets.get(uuid)
-        while True:
-            with self._lock:
-                used = self.resident().get(uuid, 0) + self._reserved.get(uuid, 0)
-                if budget is None or used + nbytes <= budget:
-                    self._reserved[uuid] = self._reserved.get(uuid, 0) + nbytes
-                    return
-                victim = self._take_victim(uuid, loading, evictable)
-            if victim is None:
-                raise OverBudgetError(
-                    f"needs {nbytes} bytes on GPU {uuid}; its budget is {budget} bytes, {used} resident or being "
-                    "loaded, held by leases. Release leases, evict checkpoints (`ckptd evict`), or raise --gpu-budget."
-                )
-            self._to_host_tier(*victim)
+    @staticmethod
+    def _evictable_besides(loading: str, evictable: Evictable) -> Callable[[_GpuArena], bool]:
+        """May a GPU arena go: not the loading checkpoint's, and the cache says its checkpoint may."""
+        return lambda arena: arena.entry_id != loading and evictable(arena.entry_id)
 
-    def _allocate(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> DeviceBuffer:
+    def _over_budget_message(self, uuid: str, nbytes: int, used: int) -> str:
+        return (
+            f"needs {nbytes} bytes on GPU {uuid}; its budget is {self.budgets.get(uuid)} bytes, {used} resident or "
+            "being loaded, held by leases. Release leases, evict checkpoints (`ckptd evict`), or raise --gpu-budget."
+        )
+
+    def _allocate(self, uuid: str, nbytes: int, evictable: Callable[[_GpuArena], bool]) -> DeviceBuffer:
         """A buffer on GPU ``uuid``. The budget counts only the cache's own arenas (CUDA
         contexts and other processes use the GPU too), so the GPU itself may be full:
         then unleased arenas move out (LRU first) and the allocation is tried once more."""
@@ -246,7 +268,7 @@ class DeviceTier:
             return self.devices.allocate(uuid, nbytes)
         except DeviceOutOfMemoryError as exc:
             failure = exc
-        freed = self._evict(uuid, nbytes, loading, evictable)
+        freed = self._gpu(uuid).evict(nbytes, evictable)
         if freed:
             try:
                 return self.devices.allocate(uuid, nbytes)
@@ -258,67 +280,41 @@ class DeviceTier:
             "the CUDA contexts and other processes on that GPU."
         ) from failure
 
-    def _evict(self, uuid: str, nbytes: int, loading: str, evictable: Evictable) -> int:
-        """Move unleased arenas on ``uuid`` out (LRU first) until ``nbytes`` are freed or
-        none is left; the bytes freed."""
-        freed = 0
-        while freed < nbytes:
-            with self._lock:
-                victim = self._take_victim(uuid, loading, evictable)
-            if victim is None:
-                break
-            freed += victim[1].buffer.nbytes
-            self._to_host_tier(*victim)
-        return freed
+    def _detach_arena(self, arena: _GpuArena) -> None:
+        """A GPU policy's eviction, first half (lock held): no client can be handed it from now on."""
+        entry = self._entries.get(arena.entry_id)
+        if entry is not None and arena in entry.arenas:
+            entry.arenas.remove(arena)
 
-    def _take_victim(self, uuid: str, loading: str, evictable: Evictable) -> tuple[_Entry, _GpuArena] | None:
-        """The least recently used evictable arena on ``uuid``, removed from its entry (lock held)."""
-        candidates = [
-            (entry, arena)
-            for entry_id, entry in self._entries.items()
-            if entry_id != loading and evictable(entry_id)
-            for arena in entry.arenas
-            if arena.uuid == uuid
-        ]
-        victim = min(candidates, key=lambda c: c[1].last_used, default=None)
-        if victim is not None:
-            victim[0].arenas.remove(victim[1])  # no client can be handed it from now on
-        return victim
-
-    def _to_host_tier(self, entry: _Entry, arena: _GpuArena) -> None:
-        """Move an unleased GPU arena (already taken from its entry) to host memory, or free it
-        when the tier is full."""
+    def _to_host_tier(self, arena: _GpuArena) -> None:
+        """A GPU policy's eviction, second half: copy the (detached, unleased) arena to host
+        memory, or free it when the host tier cannot take it."""
         self.evictions += 1
         try:
-            if self._make_tier_room(arena.buffer.nbytes):
-                host = self.devices.host_buffer(arena.buffer.nbytes)
-                arena.buffer.read(0, host)
-                with self._lock:
-                    entry.tier.append(_TierCopy(arena.uuid, host, dict(arena.placements)))
-                logger.info("GPU arena %s (%d bytes) moved to the host tier", arena.id, arena.buffer.nbytes)
+            if self._host_tier.fits(arena.nbytes, lambda copy: True):
+                try:
+                    host = self.devices.host_buffer(arena.nbytes)
+                    arena.buffer.read(0, host)
+                    with self._lock:
+                        entry = self._entries.get(arena.entry_id)
+                        if entry is not None:  # not dropped meanwhile
+                            entry.tier.append(_TierCopy(arena.uuid, host, dict(arena.placements), arena.entry_id))
+                finally:
+                    self._host_tier.release(arena.nbytes)
+                logger.info("GPU arena %s (%d bytes) moved to the host tier", arena.id, arena.nbytes)
             else:
-                logger.info("GPU arena %s (%d bytes) freed (host tier full)", arena.id, arena.buffer.nbytes)
+                logger.info("GPU arena %s (%d bytes) freed (host tier full)", arena.id, arena.nbytes)
         finally:
             arena.buffer.free()
 
-    def _make_tier_room(self, nbytes: int) -> bool:
-        if nbytes > self.host_tier_budget:
-            return False
-        while self.tier_bytes() + nbytes > self.host_tier_budget:
-            with self._lock:
-                oldest = min(
-                    ((e, c) for e in self._entries.values() for c in e.tier), key=lambda t: t[1].last_used, default=None
-                )
-            if oldest is None:
-                return False
-            self._drop_tier(*oldest)
-        return True
+    def _tier_copies(self) -> list[_TierCopy]:
+        return [c for e in self._entries.values() for c in e.tier]
 
-    def _drop_tier(self, entry: _Entry, copy: _TierCopy) -> None:
-        """Forget a host-tier copy (its memory goes with its last reference)."""
-        with self._lock:
-            if copy in entry.tier:
-                entry.tier.remove(copy)
+    def _detach_copy(self, copy: _TierCopy) -> None:
+        """The host tier's eviction (lock held): forget the copy; its memory goes with its last reference."""
+        entry = self._entries.get(copy.entry_id)
+        if entry is not None and copy in entry.tier:
+            entry.tier.remove(copy)
 
     def drop(self, entry_id: str) -> None:
         """Free every GPU arena and host-tier copy of a checkpoint (clients keep what they opened)."""
