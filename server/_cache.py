@@ -630,16 +630,18 @@ class Cache:
             self._metrics.evicted()
 
     def _over_budget_message(self, nbytes: int, used: int, *, loading: _Entry) -> str:
-        held = sum(e.nbytes for e in self._entries.values() if self.leases.count(e.id))
+        with self._lock:
+            held = sum(e.nbytes for e in self._entries.values() if self.leases.count(e.id))
+            resident = self._resident()
         return (
             f"{loading.path}: needs {nbytes} more bytes of host memory; the host budget is {self._budget} bytes, "
-            f"{self._resident()} resident ({held} held by leases), {self._unreclaimed_bytes()} still mapped by clients "
+            f"{resident} resident ({held} held by leases), {self._unreclaimed_bytes()} still mapped by clients "
             "whose leases lapsed. Release leases, evict checkpoints "
             "(`ckptd evict`), or start the daemon with a larger --host-budget."
         )
 
     def _resident(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        return self._host.resident()
 
     def _unreclaimed_bytes(self) -> int:
         """Host memory of dropped entries that clients whose leases lapsed may still map.
