@@ -18,6 +18,7 @@ import functools
 import gc
 import io
 import pickle
+import pickletools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,11 +252,19 @@ def scan(data: bytes | memoryview, name: str, *, start: int = 0, names: bool = T
 
 
 def _run(data: bytes | memoryview, name: str, start: int, encoding: str) -> tuple[Any, _Recorder, int]:
-    if len(data) > start + 1 and data[start] == pickle.PROTO[0] and data[start + 1] > pickle.HIGHEST_PROTOCOL:
-        # torch's weights-only unpickler ignores the protocol number; the C one refuses one it does not know
-        patched = bytearray(data)
-        patched[start + 1] = 2
-        data = patched
+    try:
+        return _unpickle(data, name, start, encoding)
+    except _UnknownProtocol:
+        # torch's weights-only unpickler reads a PROTO opcode's number and ignores it, wherever
+        # the opcode stands; the C one refuses a number it does not know: patch those, once
+        return _unpickle(_known_protocols(data, start), name, start, encoding)
+
+
+class _UnknownProtocol(Exception):
+    """The C unpickler met a PROTO opcode whose number it does not know."""
+
+
+def _unpickle(data: bytes | memoryview | bytearray, name: str, start: int, encoding: str) -> tuple[Any, _Recorder, int]:
     stream = io.BytesIO(data)
     stream.seek(start)
     recorder = _Recorder(stream, name, encoding)
@@ -263,9 +272,35 @@ def _run(data: bytes | memoryview, name: str, start: int, encoding: str) -> tupl
         root = recorder.load()
     except (CheckpointError, UnicodeDecodeError):
         raise
+    except ValueError as exc:
+        if str(exc).startswith("unsupported pickle protocol"):
+            raise _UnknownProtocol from exc
+        raise CheckpointError(name, f"malformed pickle ({type(exc).__name__}: {exc})") from exc
     except _MALFORMED as exc:
         raise CheckpointError(name, f"malformed pickle ({type(exc).__name__}: {exc})") from exc
     return root, recorder, stream.tell()
+
+
+def _known_protocols(data: bytes | memoryview | bytearray, start: int) -> bytearray:
+    """``data`` with the number of every PROTO opcode above what this Python knows set to 2.
+
+    The opcodes are found by walking the pickle (a 0x80 byte inside a string is no opcode),
+    at Python speed: only pickles that need it pay. The walk stops where the pickle stops
+    making sense; the C unpickler then reports that place as it would have.
+
+    >>> bytes(_known_protocols(b"\\x80\\x02K\\x01\\x80\\x09.", 0))
+    b'\\x80\\x02K\\x01\\x80\\x02.'
+    """
+    patched = bytearray(data)
+    stream = io.BytesIO(patched)
+    stream.seek(start)
+    try:
+        for opcode, arg, at in pickletools.genops(stream):
+            if opcode.name == "PROTO" and arg > pickle.HIGHEST_PROTOCOL:
+                patched[at + 1] = 2  # ``at``: the opcode's offset in the whole stream
+    except (ValueError, EOFError):
+        pass  # malformed from here on: the C unpickler fails there with its own message
+    return patched
 
 
 def _text(value: Any) -> Any:
@@ -301,7 +336,7 @@ def _storage_refs(pids: list[Any], name: str) -> dict[str, StorageRef]:
             if first.get(pid[2]) == pid:
                 continue  # the same storage named again (a tie, a view): nothing new to check
             first.setdefault(pid[2], pid)
-        ref = _storage_ref(pid, name)
+        ref = _storage_ref(pid, name, refs)
         if ref is None:
             continue
         # torch.load keeps the storage its first reference made and ignores the size
@@ -310,12 +345,15 @@ def _storage_refs(pids: list[Any], name: str) -> dict[str, StorageRef]:
     return refs
 
 
-def _storage_ref(pid: Any, name: str) -> StorageRef | None:
-    """Decode ``('storage', type, key, location, numel[, view])``; other ids give ``None``."""
+def _storage_ref(pid: Any, name: str, refs: dict[str, StorageRef]) -> StorageRef | None:
+    """Decode ``('storage', type, key, location, numel[, view])``; other ids give ``None``.
+
+    ``refs`` holds the storages decoded so far (a storage type may name one of them).
+    """
     if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str and type(pid[3]) is str:
         numel = pid[4]
         if type(numel) is int and numel >= 0:  # torch.save's own ids: nothing to decode
-            return StorageRef(pid[2], storage_dtype(pid[1], name), numel, pid[3])
+            return StorageRef(pid[2], _pid_dtype(pid[1], name, refs), numel, pid[3])
     if not isinstance(pid, tuple) or not pid:
         raise CheckpointError(name, f"persistent id {pid!r} is not a tuple")
     kind = _text(pid[0])
@@ -330,7 +368,28 @@ def _storage_ref(pid: Any, name: str) -> StorageRef | None:
     view = None
     if len(pid) == 6 and pid[5] is not None:
         view = _view(pid[5], key, name)
-    return StorageRef(key, storage_dtype(storage_type, name), numel, location, view)
+    return StorageRef(key, _pid_dtype(storage_type, name, refs), numel, location, view)
+
+
+def _pid_dtype(storage_type: Any, name: str, refs: dict[str, StorageRef]) -> torch.dtype:
+    """The dtype torch's ``persistent_load`` takes from a storage id's type: ``storage_type.dtype``.
+
+    That is a storage class's dtype in every file torch writes, but torch asks any object for
+    its ``dtype``: a tensor or a storage rebuilt earlier in the pickle answers too (a mutated
+    memo index does that), and torch.load then succeeds. Those answer here as they do there.
+    """
+    if isinstance(storage_type, Global):
+        return storage_dtype(storage_type, name)
+    if type(storage_type) is PersistentId:  # a storage: its dtype is the one it was first loaded with
+        ref = refs.get(_pid_key(storage_type))
+        if ref is not None:
+            return ref.dtype
+    elif _is_tensor_call(storage_type):
+        base = _find_rebuild_v2(storage_type)
+        ref = refs.get(_pid_key(base.args[0])) if base is not None else None
+        if ref is not None:
+            return _v3_dtype(base) or ref.dtype  # type: ignore[arg-type]
+    raise CheckpointError(name, f"persistent id names {storage_type!r}, not a storage class")
 
 
 def _view(meta: Any, key: str, name: str) -> tuple[str, int, int]:
