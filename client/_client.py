@@ -59,6 +59,7 @@ from ckptd.engine import (
 
 from ._connection import Connection, transport_for
 from ._remote import FetchStats, RangeReader, Transport, choose_transport, fetch_views
+from ._wire import transport_errors
 
 logger = logging.getLogger(__name__)
 
@@ -508,7 +509,7 @@ class _SessionWatch:
                 if self._closed:
                     return
                 self._http = http
-            with http.stream("GET", f"/v1/sessions/{self.id}") as response:
+            with transport_errors(self._url), http.stream("GET", f"/v1/sessions/{self.id}") as response:
                 if response.status_code != 200:
                     logger.warning("session %s refused: HTTP %d", self.id, response.status_code)
                     return
@@ -521,7 +522,7 @@ class _SessionWatch:
                     self._changed.notify_all()
                 for _ in chunks:
                     pass
-        except (httpx.HTTPError, OSError, RuntimeError) as exc:  # closed under us, or the daemon went away
+        except (DaemonError, RuntimeError) as exc:  # closed under us, or the daemon went away
             logger.debug("session %s watch ended: %s", self.id, exc)
         finally:
             with self._changed:

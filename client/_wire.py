@@ -39,7 +39,7 @@ def transport_errors(url: str) -> Iterator[None]:
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, FileNotFoundError,
             ConnectionRefusedError) as exc:  # fmt: skip
         raise errors.DaemonNotRunningError(not_running(url)) from exc
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, TimeoutError) as exc:
         raise errors.DaemonTimeoutError(f"the daemon at {url} did not answer in time ({type(exc).__name__})") from exc
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
         raise errors.UsageError(f"{url}: {exc}") from exc

@@ -181,6 +181,7 @@ def test_load_goes_to_the_daemon_named_in_settings_and_times_out(silent_socket: 
         (httpx.WriteError("broken"), ckptd.DaemonError),
         (httpx.UnsupportedProtocol("ftp"), ckptd.UsageError),
         (ConnectionResetError(104, "reset"), ckptd.DaemonError),
+        (TimeoutError("timed out"), ckptd.DaemonTimeoutError),
     ],
 )
 def test_every_transport_error_becomes_a_ckptd_error(raised: Exception, expected: type) -> None:
