@@ -363,6 +363,11 @@ def _storage_ref(pid: Any, name: str, refs: dict[str, StorageRef]) -> StorageRef
         raise CheckpointError(name, f"unknown persistent id {kind!r}")
     storage_type, key, location, numel = pid[1:5]
     key, location = str(_text(key)), _text(location)
+    if key in refs:
+        # torch hands out the storage the key's first id made: of a later id it evaluates
+        # only ``storage_type.dtype`` (its location and size are never looked at)
+        _pid_dtype(storage_type, name, refs)
+        return None
     if not isinstance(location, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
         raise CheckpointError(name, f"storage {key!r} has a malformed table entry")
     view = None

@@ -298,7 +298,8 @@ def inflate_into(
     """Fill ``out`` with the first bytes of a record of ``size`` bytes (default ``len(out)``):
     copied if stored, inflated if deflated."""
     if method == _STORED:
-        source.readinto(out[: min(len(out), compressed)], offset)
+        # miniz reads a stored record's uncompressed size, whatever its compressed size says
+        source.readinto(out, offset)
         return
     if method != _DEFLATED:
         raise CheckpointError(source.name, f"record {name!r} uses compression method {method}: not supported (nor by torch)")

@@ -34,10 +34,12 @@ def _global(module: str, name: str) -> bytes:
     return b"c" + f"{module}\n{name}\n".encode()
 
 
-def _tensor(storage_type: bytes, key: str, numel: int, *, legacy: bool, memo: int | None = None) -> bytes:
-    """``_rebuild_tensor_v2`` of a 1-d tensor over storage ``key``; ``storage_type`` is raw opcodes."""
+def _tensor(
+    storage_type: bytes, key: str, numel: int, *, legacy: bool, memo: int | None = None, location: bytes = _text("cpu")
+) -> bytes:
+    """``_rebuild_tensor_v2`` of a 1-d tensor over storage ``key``; ``storage_type`` and ``location`` are raw opcodes."""
     view = b"N" if legacy else b""  # legacy ids carry view metadata (None)
-    pid = b"(" + _text("storage") + storage_type + _text(key) + _text("cpu") + b"J" + struct.pack("<i", numel) + view + b"tQ"
+    pid = b"(" + _text("storage") + storage_type + _text(key) + location + b"J" + struct.pack("<i", numel) + view + b"tQ"
     shape = b"J" + struct.pack("<i", numel) + b"\x85" + b"K\x01\x85"
     args = b"(" + pid + b"K\x00" + shape + b"\x89" + _global("collections", "OrderedDict") + b")Rt"
     put = b"" if memo is None else b"q" + bytes([memo])
@@ -153,8 +155,40 @@ def test_storage_type_is_a_tensor_in_a_legacy_file(tmp_path: Path) -> None:
     _assert_as_torch(path, loads=True)
 
 
+def test_a_storage_named_again_is_not_checked_further_than_torch_checks_it(tmp_path: Path) -> None:
+    """torch hands out the storage a key's first id made; of a later id it uses only the type's dtype."""
+    data = _dict(
+        _text("a"), _tensor(_FLOAT, "0", 3, legacy=False),
+        _text("b"), _tensor(_FLOAT, "0", 3, legacy=False, location=b"K\x01"),  # a location that is no string
+    )
+    path = _zip_with(tmp_path, {"a": torch.arange(3.0)}, data)
+    _assert_as_torch(path, loads=True)
+
+
 @pytest.mark.parametrize("storage_type", [_text("x"), b"K\x01", _global("torch._utils", "_rebuild_tensor_v2")])
 def test_storage_type_without_a_dtype_fails_as_torch(tmp_path: Path, storage_type: bytes) -> None:
     data = _dict(_text("a"), _tensor(storage_type, "0", 3, legacy=False))
     path = _zip_with(tmp_path, {"a": torch.arange(3.0)}, data)
     _assert_as_torch(path, loads=False)
+
+
+# --- the zip directory ------------------------------------------------------------------
+
+
+def test_stored_pickle_record_with_a_smaller_compressed_size_reads_whole(tmp_path: Path) -> None:
+    """miniz reads a stored record's uncompressed size; its compressed size only bounds the archive.
+
+    miniz refuses a stored record whose two sizes differ only when its method and time, read as
+    one 32-bit word, are zero: with a modification time the file loads (the fuzzer's case).
+    """
+    buf = io.BytesIO()
+    torch.save({"a": torch.arange(3.0), "b": [1, 2, "x"]}, buf)
+    raw = bytearray(buf.getvalue())
+    entry = raw.index(b"PK\x01\x02")  # the central directory's first entry
+    assert raw[entry + 46 : entry + 46 + 16] == b"archive/data.pkl"
+    (size,) = struct.unpack_from("<I", raw, entry + 24)
+    struct.pack_into("<I", raw, entry + 20, size - 100)  # the compressed size, 100 bytes short
+    struct.pack_into("<H", raw, entry + 12, 0x6000)  # a modification time (12:00)
+    path = tmp_path / "short-compressed-size.pt"
+    path.write_bytes(raw)
+    _assert_as_torch(path, loads=True)
