@@ -18,7 +18,7 @@ import httpx
 from ckptd.engine import UsageError, error_from, settings
 from ckptd.formats import checkpoint_in_directory, is_sharded_index, read_sharded_index
 
-from ._wire import transport_errors
+from ._wire import transport_errors, unix_transport
 
 
 class Connection:
@@ -134,7 +134,7 @@ def transport_for(url: str) -> tuple[httpx.HTTPTransport, str]:
     if parsed.scheme == "unix":
         if not parsed.path.startswith("/"):
             raise UsageError(f"{url}: a unix URL needs an absolute socket path (unix:///run/ckptd.sock)")
-        return httpx.HTTPTransport(uds=parsed.path, verify=False), "http://ckptd"
+        return unix_transport(parsed.path), "http://ckptd"
     if parsed.scheme in ("http", "https") and parsed.netloc:
         return httpx.HTTPTransport(verify=parsed.scheme == "https"), url.rstrip("/")
     raise UsageError(f"{url}: expected unix:///path/to.sock or http://host:port")

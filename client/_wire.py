@@ -10,10 +10,14 @@ caller. The table from error type to HTTP status that both ends read (and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
+import httpcore
 import httpx
+from httpcore._backends.sync import SyncStream  # what httpcore's own backend returns
 
 from ckptd import engine as errors
 
@@ -59,3 +63,44 @@ def not_running(url: str) -> str:
     else:
         start = f"ckptd serve --host {parsed.hostname} --port {parsed.port} --token-file TOKEN --root /path/to/checkpoints"
     return f"no ckptd daemon answers at {url}; start one with `{start}`"
+
+
+def unix_transport(path: str) -> httpx.HTTPTransport:
+    """httpx's transport over the Unix socket at ``path``, closing the socket of a failed connect.
+
+    httpcore (1.0) leaves a socket whose connect failed to the garbage collector: every
+    attempt to reach a daemon that is not there held a descriptor until a collection and
+    then warned (ResourceWarning). Here the same transport runs on a backend that closes it.
+
+    >>> transport = unix_transport("/nowhere/ckptd.sock")
+    >>> with httpx.Client(transport=transport, base_url="http://ckptd") as http:
+    ...     http.get("/healthz")
+    Traceback (most recent call last):
+    ...
+    httpx.ConnectError: [Errno 2] No such file or directory
+    """
+    transport = httpx.HTTPTransport(uds=path, verify=False)
+    # httpx takes no network backend: its connection pool is given ours (the pool's one use of it)
+    transport._pool._network_backend = _ClosingUnixBackend()  # type: ignore[attr-defined]
+    return transport
+
+
+class _ClosingUnixBackend(httpcore.SyncBackend):
+    """httpcore's synchronous backend, except that a Unix socket that fails to connect is closed."""
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as exc:  # the errors httpcore's own backend raises, from the same causes
+            sock.close()
+            raise httpcore.ConnectTimeout(exc) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(exc) from exc
+        return SyncStream(sock)

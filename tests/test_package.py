@@ -239,7 +239,7 @@ THIRD_PARTY = {
     "ckptd.formats": set(),
     "ckptd.engine": set(),  # no httpx: the engine knows nothing of HTTP
     "ckptd.gpu": {"cupy", "kvikio"},  # only when CUDA devices are made
-    "ckptd": {"tqdm", "httpx"},
+    "ckptd": {"tqdm", "httpx", "httpcore"},  # httpcore: the backend under httpx's Unix-socket transport (_wire)
     "ckptd.server": {
         "fastapi", "starlette", "uvicorn", "h11", "pydantic", "pydantic_settings", "prometheus_client",
         "pythonjsonlogger",  # --log-format json

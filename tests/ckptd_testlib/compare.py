@@ -115,9 +115,11 @@ def _same_tensor(exp: torch.Tensor, act: torch.Tensor, path: str, w: _Walk) -> N
         torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool
     ):
         # Belt and braces on top of the storage bytes: the view's values (NaN-aware).
+        # a fresh dense copy: contiguous() keeps the stride of a single element (3 in a
+        # mutated checkpoint), which view() then refuses
         assert torch.equal(
-            act.detach().reshape(-1).contiguous().view(torch.uint8),
-            exp.detach().reshape(-1).contiguous().view(torch.uint8),
+            act.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8),
+            exp.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8),
         ), f"{path}: values differ"
     w.tensors.append((path, exp, act))
     _same(exp.__dict__, act.__dict__, f"{path}.__dict__", w)

@@ -204,3 +204,38 @@ def test_readme_lists_every_client_setting() -> None:
     section = readme.split("| setting | variable | default |", 1)[1].split("\n\n", 1)[0]
     rows = [line.split("|")[1:3] for line in section.strip().splitlines()[1:]]
     assert {name.strip(" `"): var.strip(" `") for name, var in rows} == ClientSettings.variables()
+
+
+def _open_descriptors() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("kind", ["refused", "missing"])
+def test_a_failed_unix_connect_closes_its_socket(kind: str) -> None:
+    """httpcore leaves a socket whose connect failed to the garbage collector; ckptd's transport closes it.
+
+    With the collector paused, each failed attempt would keep one descriptor open; the
+    collection at the end would warn (an error here) for each.
+    """
+    import gc
+
+    folder = tempfile.mkdtemp(prefix="ck", dir="/tmp")
+    path = f"{folder}/ckptd.sock"
+    if kind == "refused":  # a socket file nobody listens on
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+            bound.bind(path)
+    gc.collect()
+    gc.disable()
+    try:
+        before = _open_descriptors()
+        for _ in range(5):
+            with Connection(f"unix://{path}") as daemon, pytest.raises(ckptd.DaemonNotRunningError):
+                daemon.health()
+        after = _open_descriptors()
+    finally:
+        gc.enable()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert after == before
+    gc.collect()
