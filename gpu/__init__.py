@@ -19,7 +19,8 @@ The public surface (``__all__``; everything else is private):
 * GPU backends: :class:`Devices` (:class:`CudaDevices`, :class:`SimulatedDevices`,
   :func:`local_devices`), :class:`DeviceInfo`, :class:`DeviceBuffer`, :class:`StagingPool`,
   :func:`is_pinned`;
-* :class:`DeviceError`, and :class:`DeviceOutOfMemoryError` when a GPU itself is full.
+* :class:`DeviceError`, and :class:`DeviceOutOfMemoryError` when a GPU itself is full;
+  :func:`missing_cuda_device`, torch.load's error for a GPU that does not exist.
 
 >>> import torch
 >>> from ckptd.formats import open_source
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from ckptd.formats import lazy_attributes as _lazy_attributes
 
-from ._errors import DeviceError
+from ._errors import DeviceError, missing_cuda_device
 
 if TYPE_CHECKING:
     from ._arena import ALIGNMENT, Arena, align, allocate, cpu_arena, map_arena, map_fd, pack, shm_arena
@@ -79,6 +80,7 @@ __all__ = [
     "local_devices",
     "map_arena",
     "map_fd",
+    "missing_cuda_device",
     "pack",
     "shm_arena",
 ]

@@ -43,7 +43,7 @@ import torch
 from . import _driver, _vmm
 from ._arena import map_arena
 from ._buffers import DeviceBuffer, DeviceInfo, HostCounter, StagingPool, is_pinned, owned_host_memory
-from ._errors import DeviceError
+from ._errors import DeviceError, missing_cuda_device
 from ._oom import DeviceOutOfMemoryError
 from ._reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, Copy, fill_device
 
@@ -117,10 +117,7 @@ class Devices(abc.ABC):
         """The UUID of ``cuda:<index>``, with torch's error when there is no such device."""
         devices = self.visible()
         if not 0 <= index < len(devices):
-            raise DeviceError(
-                f"Attempting to deserialize object on CUDA device {index} but torch.cuda.device_count() is {len(devices)}. "
-                "Please use torch.load with map_location to map your storages to an existing device."
-            )
+            raise missing_cuda_device(index, len(devices))
         return devices[index].uuid
 
     def table(self) -> dict[str, str]:

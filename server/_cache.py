@@ -61,8 +61,8 @@ from ckptd.engine import (
     UnsupportedFormatError,
     UsageError,
     keys_of,
+    plan_storages,
     read_storages,
-    target_tag,
     wanted_entries,
 )
 from ckptd.formats import (
@@ -507,9 +507,8 @@ class Cache:
                     raise DaemonError(f"{entry.path}: the cache was closed while the checkpoint was read")
                 for arena_id, arena in created.items():  # one: every storage goes to host memory
                     entry.arenas[arena_id] = arena
-                    base = arena.storage.data_ptr()
-                    for key, view in storages.views.items():
-                        entry.placements[key] = Placement(key, arena_id, view.data_ptr() - base, view.nbytes())
+                    for planned in storages.planned():  # where the placement plan put each storage
+                        entry.placements[planned.key] = Placement(planned.key, arena_id, planned.offset, planned.nbytes)
         except BaseException:
             for arena in created.values():  # a failed read frees its memory now
                 arena.close()
@@ -576,23 +575,15 @@ class Cache:
     def _gpu_targets(
         self, layout: Layout, keys: list[str], map_location: str | dict[str, str] | None, devices: Mapping[str, str] | None
     ) -> dict[str, list[str]]:
-        """GPU UUID -> the keys ``map_location`` sends there (none without GPUs or a client table)."""
+        """GPU UUID -> the keys the placement plan sends there (none without GPUs or a client table)."""
         groups: dict[str, list[str]] = {}
         if self._tier is None or not devices:
             return groups  # host memory; the client places (and raises torch's errors)
-        for key in keys:
-            tag = target_tag(map_location, layout.storages[key].location)
-            if tag is None or not (tag == "cuda" or tag.startswith("cuda:")):
-                continue
-            index = _cuda_index(tag)
-            uuid = devices.get(f"cuda:{index}")
-            if uuid is None:
-                raise DeviceError(
-                    f"Attempting to deserialize object on CUDA device {index} but torch.cuda.device_count() is "
-                    f"{len(devices)}. Please use torch.load with map_location to map your storages to an existing device."
-                )
-            self._tier.devices.by_uuid(uuid)  # the daemon must see that GPU too
-            groups.setdefault(uuid, []).append(key)
+        for planned in plan_storages(layout, keys, map_location, gpus=devices).storages.values():
+            uuid = planned.target.gpu
+            if uuid is not None:
+                self._tier.devices.by_uuid(uuid)  # the daemon must see that GPU too
+                groups.setdefault(uuid, []).append(planned.key)
         return groups
 
     def _place_on_gpu(self, entry: _Entry, layout: Layout, uuid: str, keys: list[str]) -> bool:
@@ -776,24 +767,6 @@ def _identity(st: os.stat_result) -> Identity:
 
 def _entry_id(path: str, identity: Identity) -> str:
     return hashlib.sha256(f"{path}\0{identity}".encode()).hexdigest()[:12]
-
-
-def _cuda_index(tag: str) -> int:
-    """``'cuda:3'`` → 3. A bare ``'cuda'`` names the *client thread's* current device,
-    which only the client knows: it sends ``cuda:N`` (guessing 0 here would put the
-    storages on the wrong GPU)."""
-    if tag == "cuda":
-        raise UsageError(
-            "map_location 'cuda' names the client's current device; the client resolves it to 'cuda:N' "
-            "before asking the daemon (ckptd.Client does)"
-        )
-    try:
-        index = int(tag.split(":", 1)[1])
-    except ValueError as exc:
-        raise DeviceError(f"Invalid device string: '{tag}'") from exc
-    if index < 0:
-        raise DeviceError(f"Device index must not be negative: '{tag}'")
-    return index
 
 
 MAX_PATH = 4096  # PATH_MAX

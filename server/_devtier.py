@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ckptd.engine import ArenaInfo, OverBudgetError, Placement, UsageError
+from ckptd.engine import ArenaInfo, OverBudgetError, Placement, UsageError, lay_out
 from ckptd.formats import Layout
-from ckptd.gpu import Copy, DeviceBuffer, DeviceOutOfMemoryError, Devices, pack
+from ckptd.gpu import Copy, DeviceBuffer, DeviceOutOfMemoryError, Devices
 
 from ._policy import TierPolicy
 
@@ -147,17 +147,17 @@ class DeviceTier:
             arena.last_used = time.time()
         if not missing:
             return 0, 0
-        offsets, total = pack(layout.storages[k].nbytes for k in missing)
+        offsets, total, _, _ = lay_out([layout.storages[k] for k in missing], merge=False)  # the placement plan's layout
         may_go = self._evictable_besides(entry_id, evictable)
         with self._gpu(uuid).reservation(total, may_go, functools.partial(self._over_budget_message, uuid)):
             buffer = self._allocate(uuid, total, may_go)
             try:
-                from_file = self._fill(entry, path, layout, uuid, buffer, dict(zip(missing, offsets)), host)
+                from_file = self._fill(entry, path, layout, uuid, buffer, offsets, host)
             except BaseException:
                 buffer.free()
                 raise
             arena_id = f"gpu-{secrets.token_hex(8)}"
-            placements = {k: Placement(k, arena_id, off, layout.storages[k].nbytes) for k, off in zip(missing, offsets)}
+            placements = {k: Placement(k, arena_id, off, layout.storages[k].nbytes) for k, off in offsets.items()}
             arena = _GpuArena(arena_id, uuid, buffer, placements, entry_id, buffer.export())
             with self._lock:
                 entry.arenas.append(arena)

@@ -10,8 +10,12 @@ Importing it is torch-free: each name that needs torch imports its module on fir
   :func:`adopt_tensors` (TorchScript), :data:`Progress`;
 * selecting: :data:`Select` (what ``select=`` takes), :func:`wanted_entries` (the tensors
   a load returns), :func:`keys_of` (the storages they need);
-* placing: :data:`MapLocation`, :func:`target_tag` (where ``map_location`` sends a
-  storage), :func:`with_current_device`, :func:`restore` (a storage moved to its target);
+* placing: the placement plan, which decides once per load each storage's target and its
+  offset in its arena (:func:`plan_storages`, a :class:`Plan` of :class:`StoragePlan` and
+  :class:`ArenaPlan`; :func:`target_for` a :class:`Target` of a :class:`Kind`;
+  :func:`lay_out`, an arena's offsets); :data:`MapLocation`, :func:`target_tag` (the tag
+  ``map_location`` gives), :func:`with_current_device`, :func:`restore` (a storage moved
+  to its target);
 * reading: :func:`read_storages` (storages read into arenas), :class:`StorageSet`;
 * the manifest a daemon's client attaches from: :class:`Manifest`, :class:`ArenaInfo`,
   :class:`Placement`; the compact table a plain checkpoint loaded whole travels as
@@ -82,6 +86,7 @@ if TYPE_CHECKING:
     from ._load import wanted_entries
     from ._manifest import ArenaInfo, Manifest, Placement
     from ._placement import MapLocation, restore, target_tag, with_current_device
+    from ._plan import ArenaPlan, Kind, Plan, StoragePlan, Target, lay_out, plan_storages, target_for
     from ._select import Select
     from ._storages import StorageSet, read_storages
     from ._table import TableSpec, describe_table, encode_table, rebuild_from_table, table_applies
@@ -98,6 +103,9 @@ _LAZY = {
     ),
     **dict.fromkeys(("ArenaInfo", "Manifest", "Placement"), "._manifest"),
     **dict.fromkeys(("MapLocation", "restore", "target_tag", "with_current_device"), "._placement"),
+    **dict.fromkeys(
+        ("ArenaPlan", "Kind", "Plan", "StoragePlan", "Target", "lay_out", "plan_storages", "target_for"), "._plan"
+    ),
     "Select": "._select",
     **dict.fromkeys(("StorageSet", "read_storages"), "._storages"),
     **dict.fromkeys(("TableSpec", "describe_table", "encode_table", "rebuild_from_table", "table_applies"), "._table"),
@@ -107,6 +115,7 @@ __all__ = [
     "CHECKSUM_HEADER",
     "TABLE_MEDIA",
     "ArenaInfo",
+    "ArenaPlan",
     "AuthenticationError",
     "CheckpointBusyError",
     "CheckpointError",
@@ -117,6 +126,7 @@ __all__ = [
     "DaemonNotRunningError",
     "DaemonTimeoutError",
     "DeviceError",
+    "Kind",
     "LeaseLostError",
     "Manifest",
     "MapLocation",
@@ -126,12 +136,15 @@ __all__ = [
     "OverBudgetError",
     "PathNotAllowedError",
     "Placement",
+    "Plan",
     "Progress",
     "Request",
     "Select",
     "StorageMismatchError",
+    "StoragePlan",
     "StorageSet",
     "TableSpec",
+    "Target",
     "TensorNotFoundError",
     "UnpicklingError",
     "UnsupportedFormatError",
@@ -148,10 +161,12 @@ __all__ = [
     "inspect",
     "jit_load",
     "keys_of",
+    "lay_out",
     "load",
     "load_shards",
     "make_request",
     "parse_size",
+    "plan_storages",
     "read_storages",
     "rebuild",
     "rebuild_from_table",
@@ -159,6 +174,7 @@ __all__ = [
     "settings",
     "status_for",
     "table_applies",
+    "target_for",
     "target_tag",
     "wanted_entries",
     "with_current_device",

@@ -1,9 +1,10 @@
 """Reading a checkpoint's storages into arenas, and handing them out by key.
 
-The plan groups the storages a load needs by the device they will live on, lays them
-out at aligned offsets in one arena per device, and fills every arena with parallel
-positional reads. :class:`StorageSet` then answers torch's ``persistent_load`` with
-views into those arenas, applying a callable ``map_location`` once per storage.
+The placement plan (:mod:`ckptd.engine._plan`) says which arenas to allocate on which
+device and where each storage lies in them; this module allocates them and fills every
+arena with parallel positional reads. :class:`StorageSet` then answers torch's
+``persistent_load`` with views into those arenas, applying a callable ``map_location``
+once per storage.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ckptd.formats import Layout, Source, StorageRecord, inflate_storage
-from ckptd.gpu import Arena, Copy, allocate, fill, pack
+from ckptd.gpu import Arena, Copy, allocate, fill
 
-from ._placement import MapLocation, apply_callable, device_for_tag, restore, target_tag
+from ._exceptions import UsageError
+from ._placement import MapLocation, apply_callable, restore
+from ._plan import Plan, StoragePlan, Target, plan_storages, target_for
 from ._settings import settings
 
 logger = logging.getLogger(__name__)
@@ -46,9 +49,10 @@ class StorageSet:
     views: dict[str, torch.UntypedStorage] = field(default_factory=dict)
     arenas: list[Arena] = field(default_factory=list)
     placed: frozenset[str] = frozenset()  # views already on their device (the daemon's GPU arenas)
+    plan: Plan | None = None  # where read_storages put each storage (None: views made elsewhere)
 
     _pending: Future[None] | None = None
-    _targets: dict[str, tuple[str | None, torch.device | None]] = field(default_factory=dict)
+    _targets: dict[str, Target] = field(default_factory=dict)
 
     def start(self, job: Callable[[], None]) -> None:
         """Run ``job`` (the reads) on a background thread; :meth:`wait` joins it."""
@@ -69,13 +73,27 @@ class StorageSet:
         named = {key for entry in self.layout.tensors for key in entry.storage_keys}
         return frozenset(named - unsafe)
 
-    def _target(self, location: str) -> tuple[str | None, torch.device | None]:
+    def _target(self, location: str) -> Target:
         """Where ``map_location`` sends storages saved at ``location`` (worked out once per location)."""
         found = self._targets.get(location)
         if found is None:
-            tag = target_tag(self.map_location, location)
-            found = self._targets[location] = (tag, None if tag is None else device_for_tag(tag))
+            found = self._targets[location] = target_for(self.map_location, location)
         return found
+
+    def planned(self) -> list[StoragePlan]:
+        """The storages :func:`read_storages` read into :attr:`arenas`, each with its arena
+        (an index into :attr:`arenas`) and offset there, as the placement plan laid them out.
+
+        >>> import io
+        >>> from ckptd.formats import open_source, read_layout
+        >>> buf = io.BytesIO(); torch.save({"w": torch.arange(3)}, buf)
+        >>> src = open_source(buf.getvalue()); layout = read_layout(src)
+        >>> [(p.key, p.arena, p.offset, p.nbytes) for p in read_storages(src, layout, ["0"], "cpu").planned()]
+        [('0', 0, 0, 24)]
+        """
+        if self.plan is None:
+            raise UsageError("these storages were not read by read_storages (mmap=True, or views made elsewhere)")
+        return [planned for planned in self.plan.storages.values() if planned.arena is not None]
 
     def get(self, key: str, location: str) -> torch.UntypedStorage:
         """The final storage for ``key`` (saved at ``location``), as torch's restore would give it.
@@ -92,7 +110,8 @@ class StorageSet:
             return view
         if view is None:  # nothing was read: an empty storage, or a meta target
             view = torch.UntypedStorage(record.nbytes, device=_META if record.nbytes else _CPU)
-        tag, device = self._target(location)
+        target = self._target(location)
+        tag, device = target.tag, target.device
         if tag is None or view.device != device:
             self.wait()  # the callable, or the copy to another device, needs the bytes
         if tag is None:
@@ -148,8 +167,8 @@ def read_storages(
         _map_file(source, records, result)
         jobs: list[tuple[Arena, list[Copy], int]] = []
     else:
-        groups = _group_by_device(records, map_location, swap)
-        jobs = [_place_group(allocator, device, group, result) for device, group in groups.items()]
+        result.plan = plan_storages(layout, keys, map_location)
+        jobs = [_allocate_arena(allocator, result, index) for index in range(len(result.plan.arenas))]
     swapped = [r for r in records if swap and r.key in result.views and result.views[r.key].device.type == "cpu"]
     deflated = [r for r in records if r.compressed_size is not None and r.key in result.views]
 
@@ -192,83 +211,16 @@ def _in_storage_bytes(progress: Callable[[int], None] | None, copies: list[Copy]
     return report
 
 
-def _group_by_device(
-    records: list[StorageRecord], map_location: MapLocation, swap: bool
-) -> dict[torch.device, list[StorageRecord]]:
-    groups: dict[torch.device, list[StorageRecord]] = {}
-    for record in records:
-        if record.nbytes == 0:
-            continue  # torch gives empty storages no data pointer; StorageSet makes fresh ones
-        tag = target_tag(map_location, record.location)
-        device = _CPU if tag is None else device_for_tag(tag)
-        if device.type == "meta":
-            continue  # torch reads nothing for meta targets
-        if swap and device.type != "cpu":
-            device = _CPU  # bytes are swapped on the host, then copied to the device
-        groups.setdefault(device, []).append(record)
-    return groups
-
-
-def _place_group(
-    allocator: Callable[[torch.device, int], Arena], device: torch.device, records: list[StorageRecord], result: StorageSet
-) -> tuple[Arena, list[Copy], int]:
-    """Lay ``records`` out in one new arena, hand out each storage's view; return what to copy
-    where, and how many storage bytes those copies carry.
-
-    Storages that lie close together in the file are laid out as the file has them and
-    read as one span (the few bytes between them come along): a checkpoint of 20,000
-    small tensors costs a few large reads, not 20,000 small ones.
-    """
-    runs = _runs(records)
-    offsets, span = pack(run.nbytes for run in runs)
-    arena = allocator(device, span)
+def _allocate_arena(allocator: Callable[[torch.device, int], Arena], result: StorageSet, index: int) -> tuple[Arena, list[Copy], int]:
+    """Allocate the plan's arena ``index``, hand out each of its storages' views; return what
+    to copy where, and how many storage bytes those copies carry."""
+    assert result.plan is not None
+    planned = result.plan.arenas[index]
+    arena = allocator(planned.device, planned.nbytes)
     result.arenas.append(arena)
-    copies, useful = [], 0
-    for run, offset in zip(runs, offsets):
-        for record in run.records:
-            result.views[record.key] = arena.view(offset + record.offset - run.start, record.nbytes)
-        if run.copied:
-            copies.append(Copy(run.start, offset, run.nbytes))
-            useful += sum(record.nbytes for record in run.records)
-    return arena, copies, useful
-
-
-# Small storages at most this many bytes apart in the file are read as one span: zip local
-# headers (and torch's 64-byte alignment padding) between two storages are a few hundred
-# bytes. Storages of _MERGE_BELOW bytes or more are read on their own, as the file has them:
-# for those a read's overhead is already small beside its bytes.
-_MERGE_GAP = 512
-_MERGE_BELOW = 64 << 10
-_ALIGNED = 64
-
-
-@dataclass
-class _Run:
-    """Storages read with one copy: the file's bytes from ``start``, ``nbytes`` long."""
-
-    records: list[StorageRecord]
-    start: int
-    nbytes: int
-    copied: bool
-
-    def takes(self, record: StorageRecord) -> bool:
-        """Whether ``record`` joins this run (aligned as in the file, close enough, read plainly)."""
-        gap = record.offset - (self.start + self.nbytes)
-        aligned = self.start % _ALIGNED == 0 and record.offset % _ALIGNED == 0  # the arena keeps each storage aligned
-        small = record.nbytes < _MERGE_BELOW and self.records[-1].nbytes < _MERGE_BELOW
-        return self.copied and record.compressed_size is None and aligned and small and 0 <= gap <= _MERGE_GAP
-
-
-def _runs(records: list[StorageRecord]) -> list[_Run]:
-    runs: list[_Run] = []
-    for record in sorted(records, key=lambda r: r.offset):
-        if runs and runs[-1].takes(record):
-            run = runs[-1]
-            run.records.append(record)
-            run.nbytes = record.offset + record.nbytes - run.start
-        else:  # deflated storages are inflated into their place, not copied
-            runs.append(_Run([record], record.offset, record.nbytes, record.compressed_size is None))
-    return runs
+    for storage in result.plan.in_arena(index):
+        result.views[storage.key] = arena.view(storage.offset, storage.nbytes)
+    return arena, list(planned.copies), planned.useful
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:

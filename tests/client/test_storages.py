@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ckptd.engine._storages import _runs, read_storages
+from ckptd.engine import read_storages
+from ckptd.engine._plan import _runs
 from ckptd.formats import open_source, read_layout
 from ckptd_testlib import assert_same
 
