@@ -32,7 +32,8 @@ from torch import _weights_only_unpickler
 
 from ckptd.formats import Call, Format, Global, Layout, PersistentId, no_gc, scan, storage_dtype
 
-from ._placement import MapLocation, device_for_tag, restore, target_tag
+from ._placement import MapLocation, restore
+from ._plan import target_for
 from ._rebuild import _TENSOR_V2, _Builder, _ints, _modes_active, _NotPlain, plain_opcodes
 
 # Table format version: a client refuses a table it cannot read (it then asks without one).
@@ -291,10 +292,10 @@ class _Storages:
     def _target(self, location: str) -> tuple[str, torch.device]:
         found = self.targets.get(location)
         if found is None:
-            tag = target_tag(self.map_location, location)
-            if tag is None:
+            target = target_for(self.map_location, location)  # the placement plan's rules
+            if target.tag is None or target.device is None:
                 raise ValueError("a callable map_location is applied by the client's own rebuild, not from a table")
-            found = self.targets[location] = (tag, device_for_tag(tag))
+            found = self.targets[location] = (target.tag, target.device)
         return found
 
 
