@@ -35,6 +35,7 @@ from ckptd.engine import (
     ArenaInfo,
     DaemonError,
     DaemonNotRunningError,
+    Kind,
     Manifest,
     MapLocation,
     Select,
@@ -52,6 +53,7 @@ from ckptd.engine import (
     restore,
     settings,
     table_applies,
+    target_for,
     target_tag,
     wanted_entries,
     with_current_device,
@@ -276,7 +278,8 @@ class Client(Connection):
         """The manifest's storages streamed from the daemon's resident copy into this
         process (those ``map_location`` sends to ``meta`` are not fetched: torch reads none)."""
         storages = manifest.layout.storages
-        wanted = [p for p in manifest.placements if target_tag(map_location, storages[p.key].location) != "meta"]
+        targets = {loc: target_for(map_location, loc) for loc in {storages[p.key].location for p in manifest.placements}}
+        wanted = [p for p in manifest.placements if targets[storages[p.key].location].kind is not Kind.META]
         if any(info.device != "cpu" for info in manifest.arenas if info.id in {p.arena for p in wanted}):
             raise DaemonError("the daemon sent GPU arenas to a client that streams over HTTP; it sends host arenas only")
         reader = RangeReader(self.url, self._headers, self._http.timeout.read or 600.0)
