@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
@@ -217,17 +217,16 @@ class Client(Connection):
             "prefix": prefix,
             "select": list(select) if select is not None and not isinstance(select, str) else select,
             "devices": self._device_table() if gpus and self._transport is not Transport.HTTP else None,
-            "session": self._session.ensure(),  # open before the lease is granted: a death mid-load releases it
         }
         if table and self._transport is not Transport.HTTP:  # a streamed load reads the placements
             body["table"] = True
+        if self._session.claim():  # no session yet: this load opens it, in the same request
+            kind, payload = self._session.open_with_load(body, self._http.timeout.read)
+            return _manifest_from(TABLE_MEDIA if kind == b"T" else "application/json", payload)
+        # The session is open before the lease is granted: a death mid-load releases it.
+        body["session"] = self._session.ensure()
         response = self._answer("POST", "/v1/load", json=body)
-        if response.headers.get("content-type") == TABLE_MEDIA:
-            return Manifest.from_bytes(response.content)
-        try:
-            return Manifest.from_json(response.json())
-        except ValueError as exc:
-            raise DaemonError(f"the daemon's answer to a load is not JSON ({exc})") from exc
+        return _manifest_from(response.headers.get("content-type", ""), response.content)
 
     def _local_devices(self) -> Devices | None:
         """This process's GPUs: identity (ordinal ↔ UUID) and handle opening only."""
@@ -494,6 +493,68 @@ class _SessionWatch:
                 self._changed.wait(remaining)
         return self.id
 
+    def claim(self) -> bool:
+        """Whether the caller is to open the session with its own load (none is open or
+        being opened); if so it must call :meth:`open_with_load`."""
+        with self._changed:
+            if self._closed or self._connected or self._watching:
+                return False
+            self._watching = True
+            return True
+
+    def open_with_load(self, body: dict[str, Any], timeout: float | None) -> tuple[bytes, bytes]:
+        """The claimed load, ``POST /v1/sessions/{id}/load``: the daemon begins the session,
+        then makes the lease; the answer starts with the manifest (returned: its kind and
+        bytes) and then stays open as the session's connection, read on a thread."""
+        http: httpx.Client | None = None
+        response: httpx.Response | None = None
+        try:
+            with transport_errors(self._url):
+                transport, base = transport_for(self._url)
+                # heartbeats every few seconds: the load's read timeout also bounds a silent daemon
+                http = httpx.Client(transport=transport, base_url=base, headers=self._headers,
+                                    timeout=httpx.Timeout(10.0, read=timeout))
+                response = http.send(http.build_request("POST", f"/v1/sessions/{self.id}/load", json=body), stream=True)
+                if response.status_code != 200:
+                    response.read()
+                    raise error_from(response.status_code, _json_or_none(response))
+                chunks = response.iter_raw()
+                frame = _read_frame(chunks)
+        except BaseException:
+            if response is not None:
+                response.close()
+            if http is not None:
+                http.close()
+            with self._changed:
+                self._watching = False
+                self._changed.notify_all()
+            raise
+        stream = response.extensions.get("network_stream")
+        with self._changed:
+            self._http, self._connected = http, True
+            self._socket = stream.get_extra_info("socket") if stream is not None else None
+            self._changed.notify_all()
+            self._thread = threading.Thread(target=self._follow, args=(http, response, chunks), name="ckptd-session",
+                                            daemon=True)
+            self._thread.start()
+        return frame
+
+    def _follow(self, http: httpx.Client, response: httpx.Response, chunks: Iterator[bytes]) -> None:
+        """Read a claimed load's answer on until the session ends (the daemon went away, or :meth:`close`)."""
+        try:
+            for _ in chunks:
+                pass
+        except (httpx.HTTPError, OSError, RuntimeError) as exc:  # closed under us, or the daemon went away
+            logger.debug("session %s ended: %s", self.id, exc)
+        finally:
+            with self._changed:
+                self._watching = self._connected = False
+                self._socket = self._http = None
+                self._changed.notify_all()
+            with contextlib.suppress(RuntimeError, httpx.HTTPError, OSError):
+                response.close()
+            http.close()
+
     def _start_locked(self) -> None:
         self._watching = True
         self._thread = threading.Thread(target=self._watch, name="ckptd-session", daemon=True)
@@ -547,6 +608,13 @@ class _SessionWatch:
                 http.close()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def open_proc_arena(path: str, name: str) -> int:
@@ -604,6 +672,27 @@ def receive_fd(url: str, lease: str, arena: str) -> int:
         for extra in fds[1:]:
             os.close(extra)
     return fds[0]
+
+
+def _manifest_from(media: str, payload: bytes) -> Manifest:
+    """A load's answer as a manifest: the table answer, or JSON."""
+    if media == TABLE_MEDIA:
+        return Manifest.from_bytes(payload)
+    try:
+        return Manifest.from_json(json.loads(payload))
+    except ValueError as exc:
+        raise DaemonError(f"the daemon's answer to a load is not JSON ({exc})") from exc
+
+
+def _read_frame(chunks: Iterator[bytes]) -> tuple[bytes, bytes]:
+    """The manifest at the head of a session's answer: its kind (one byte) and its bytes
+    (8 bytes of length before them); what follows (heartbeats) is left to the session."""
+    got = bytearray()
+    for chunk in chunks:
+        got += chunk
+        if len(got) >= 9 and len(got) >= 9 + int.from_bytes(got[1:9], "big"):
+            return bytes(got[:1]), bytes(got[9 : 9 + int.from_bytes(got[1:9], "big")])
+    raise DaemonError("the daemon ended the session's answer before its manifest; load again")
 
 
 def _place(view: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:

@@ -3,7 +3,10 @@
 =====================================  ===============================================
 route                                  answer
 =====================================  ===============================================
-``POST /v1/load``                      the manifest (arenas, placements, layout, lease)
+``POST /v1/load``                      the manifest (arenas, placements, layout, lease); with
+                                       ``table``, a plain checkpoint's compact table instead
+``POST /v1/sessions/{session}/load``   a worker's first load and its session in one request:
+                                       the manifest, framed, then the session's heartbeats
 ``POST /v1/prefetch``                  the checkpoint's info (resident, no lease)
 ``POST /v1/index``                     a sharded checkpoint's index (``*.index.json``), checked
 ``POST /v1/leases/{lease}/renew``      ``{"lease", "expires_in"}``
@@ -45,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import importlib.resources
 import importlib.util
 import logging
@@ -62,11 +66,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ckptd import engine
 from ckptd.engine import (
     CHECKSUM_HEADER,
+    SESSION_MEDIA,
     TABLE_MEDIA,
     AuthenticationError,
     CkptdError,
@@ -475,6 +481,11 @@ the Python client raises the named exception.
 LOAD_ERRORS = (403, 404, 413, 415, 422, 507)
 TEXT = {"text/plain": {"schema": {"type": "string"}}}
 HEARTBEATS = {"description": "a newline every few seconds while the session lives", "content": TEXT}
+SESSION_LOAD = {
+    "description": f"{SESSION_MEDIA}: one byte (J: the manifest as JSON, T: the answer {TABLE_MEDIA} carries), 8 bytes "
+    "(big-endian) of length N, N bytes of it; then a newline every few seconds while the session lives",
+    "content": {SESSION_MEDIA: {"schema": {"type": "string", "format": "binary"}}},
+}
 PROMETHEUS = {"description": "Prometheus text exposition", "content": TEXT}
 BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 ARENA_BYTES = {"description": "the whole arena; X-Ckptd-CRC32 is the CRC-32 of the bytes sent", "content": BYTES}
@@ -484,6 +495,31 @@ TABLE_ANSWER = {
     "content": {TABLE_MEDIA: {"schema": {"type": "string", "format": "binary"}}},
 }
 ARENA_RANGE = {"description": "the range asked for (Range: bytes=A-B); X-Ckptd-CRC32 as above", "content": BYTES}
+
+
+async def heartbeats(stopping: asyncio.Event, first: bytes) -> AsyncIterator[bytes]:
+    """``first`` at once, then a newline every few seconds until the daemon stops."""
+    yield first
+    while not stopping.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), SESSION_HEARTBEAT_S)
+        if not stopping.is_set():
+            yield b"\n"
+
+
+class _SessionStream(StreamingResponse):
+    """A session's stream whose end (sent, failed, cancelled: the peer went away) always
+    ends the session, also when the stream never got to start."""
+
+    def __init__(self, content: AsyncIterator[bytes], ended: Callable[[], object], media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self._ended = ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ended()
 
 
 def end_sessions(app: FastAPI) -> None:
@@ -535,6 +571,12 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         response_model=ManifestModel, responses={200: TABLE_ANSWER, **error_responses(401, *LOAD_ERRORS, 500)},
     )  # fmt: skip
     def load(request: LoadRequest) -> Response:
+        media, body = answer(request, request.session)
+        return Response(body, media_type=media)
+
+    def answer(request: LoadRequest, session: str | None) -> tuple[str, bytes]:
+        """A load's manifest under a new lease of ``session``: the table answer where one
+        was asked for and the checkpoint is plain, else JSON."""
         manifest = cache.load(
             request.path,
             map_location=request.map_location,
@@ -542,13 +584,37 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
             prefix=request.prefix,
             select=request.select,
             devices=request.devices,
-            session=request.session,
+            session=session,
         )
         if request.table and request.tensor_name is None and request.select is None and isinstance(manifest, Manifest):
             manifest = tables.attach(manifest)
             if manifest.table is not None:
-                return Response(manifest.to_bytes(), media_type=TABLE_MEDIA)
-        return JSONResponse(manifest.to_json())
+                return TABLE_MEDIA, manifest.to_bytes()
+        return "application/json", json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @app.post(
+        "/v1/sessions/{session}/load", tags=["load"],
+        summary="Open a session with a load: the manifest, then the session's heartbeats (one request)",
+        response_class=Response, responses={200: SESSION_LOAD, **error_responses(401, *LOAD_ERRORS, 500)},
+    )  # fmt: skip
+    async def load_in_session(
+        session: Annotated[str, PathParam(min_length=1, max_length=MAX_ID)], request: LoadRequest
+    ) -> Response:
+        """A worker's first load and its session in one request: the session begins before
+        the lease is made, the answer starts with the manifest and then stays open as
+        ``GET /v1/sessions/{session}`` does; when it drops (the client died, even by SIGKILL),
+        the session's leases are released. ``session`` in the body must be absent or the same."""
+        if request.session not in (None, session):
+            raise UsageError("the body's session differs from the one in the path: send one, or the same")
+        cache.begin_session(session)
+        try:
+            media, body = await run_in_threadpool(answer, request, session)
+        except BaseException:
+            cache.end_session(session)
+            raise
+        frame = (b"T" if media == TABLE_MEDIA else b"J") + len(body).to_bytes(8, "big") + body
+        return _SessionStream(heartbeats(app.state.stopping, frame), lambda: cache.end_session(session),
+                              media_type=SESSION_MEDIA)
 
     @app.post(
         "/v1/index", tags=["load"], summary="A sharded checkpoint's index, for clients that cannot read it",
@@ -567,15 +633,11 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         """A line every few seconds for as long as the client keeps the connection; when it
         drops (the client died, even by SIGKILL), the session's leases are released."""
 
-        stopping: asyncio.Event = app.state.stopping
-
         async def heartbeat() -> AsyncIterator[bytes]:
             cache.begin_session(session)
             try:
-                while not stopping.is_set():
-                    yield b"\n"
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stopping.wait(), SESSION_HEARTBEAT_S)
+                async for beat in heartbeats(app.state.stopping, b"\n"):
+                    yield beat
             finally:  # the daemon stops (the stream ends), or the peer disconnected (cancelled)
                 cache.end_session(session)
 

@@ -22,7 +22,8 @@ Importing it is torch-free: each name that needs torch imports its module on fir
   instead of its pickle and per-tensor JSON: :func:`describe_table` (the daemon, once per
   checkpoint), :func:`encode_table` (with the arenas' places), :class:`TableSpec`,
   :func:`table_applies` (whether a load's options allow one), :func:`rebuild_from_table`
-  (the client), :data:`TABLE_MEDIA` (the media type of an answer carrying one);
+  (the client), :data:`TABLE_MEDIA` (the media type of an answer carrying one),
+  :data:`SESSION_MEDIA` (a worker's first load and its session in one answer);
 * the protocol both ends of the daemon agree on (no transport): :func:`status_for`,
   :func:`error_body`, :func:`error_from`, :data:`CHECKSUM_HEADER` (the header carrying the
   CRC-32 of an arena range streamed to a worker);
@@ -76,7 +77,7 @@ from ._exceptions import (
     UnsupportedFormatError,
     UsageError,
 )
-from ._protocol import CHECKSUM_HEADER, TABLE_MEDIA, error_body, error_from, status_for
+from ._protocol import CHECKSUM_HEADER, SESSION_MEDIA, TABLE_MEDIA, error_body, error_from, status_for
 from ._settings import ClientSettings, client_variables, default_socket, parse_size, settings
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ _LAZY = {
 
 __all__ = [
     "CHECKSUM_HEADER",
+    "SESSION_MEDIA",
     "TABLE_MEDIA",
     "ArenaInfo",
     "ArenaPlan",

@@ -18,6 +18,8 @@ from . import _exceptions as errors
 CHECKSUM_HEADER = "X-Ckptd-CRC32"
 # The media type of a load's answer that carries a compact table (Manifest.to_bytes).
 TABLE_MEDIA = "application/vnd.ckptd.manifest-table"
+# The media type of ``POST /v1/sessions/{id}/load``: the framed manifest, then heartbeats.
+SESSION_MEDIA = "application/vnd.ckptd.session"
 
 STATUS: dict[type[errors.CkptdError], int] = {
     errors.AuthenticationError: 401,

@@ -1,9 +1,11 @@
-"""Warm attach from a compact table, end to end against a real daemon.
+"""Warm attach, end to end against a real daemon: one request per load, a compact table.
 
 A client that loads a plain checkpoint whole asks for a table: the daemon answers with the
 table in place of the pickle and the per-storage and per-tensor JSON, and the client's
 object equals torch.load's. Non-plain checkpoints, selective loads and callable
 ``map_location`` values get the JSON manifest and the checkpoint's pickle, as before.
+A worker's first load opens its session in the same request; later loads are one request
+each on the process's persistent connection.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import ckptd
 import ckptd._client
 from ckptd.engine import TABLE_MEDIA
-from ckptd_testlib import CORPUS, PLAIN_CASES, Daemon, assert_same, daemon_in, save_bytes
+from ckptd_testlib import CORPUS, PLAIN_CASES, Daemon, assert_same, cached_entry, daemon_in, save_bytes, wait_for
 
 
 
@@ -121,3 +123,46 @@ def test_the_answer_carries_no_per_tensor_json(daemon: Daemon) -> None:
         for answer in (plain, table):
             lease = head["lease"] if answer is table else answer.json()["lease"]
             assert http.delete(f"/v1/leases/{lease}").status_code == 204
+
+
+# --- one request per load -------------------------------------------------------------
+
+
+@pytest.fixture
+def requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every HTTP request this process sends (method and path)."""
+    sent: list[str] = []
+    real = httpx.Client.send
+
+    def send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        sent.append(f"{request.method} {request.url.path}")
+        return real(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    return sent
+
+
+def test_a_first_load_opens_the_session_in_the_same_request(daemon: Daemon, requests: list[str]) -> None:
+    path = _saved(daemon, "module_state_dict")
+    expected = torch.load(path)
+    with ckptd.Client(daemon.url) as client:
+        first = client.load(path)  # held: its lease is released once it is garbage
+        assert requests == [f"POST /v1/sessions/{client._session.id}/load"]  # session + lease + manifest
+        assert_same(expected, first)
+        del requests[:]
+        second = client.load(path)
+        assert requests == ["POST /v1/load"]  # the session is open: one request
+        assert_same(expected, second)
+        assert client.stats()["sessions"] == 1
+
+
+def test_a_failed_first_load_leaves_no_session_and_the_next_one_opens_it(daemon: Daemon) -> None:
+    with ckptd.Client(daemon.url) as client:
+        with pytest.raises(ckptd.CheckpointNotFoundError):
+            client.load(daemon.root / "missing.pt")
+        wait_for(lambda: client.stats()["sessions"] == 0, "the failed load's session to end")
+        path = _saved(daemon, "plain_dict")
+        got = client.load(path)  # held: its lease lasts while it is mapped
+        assert_same(torch.load(path), got)
+        assert client.stats()["sessions"] == 1
+        assert cached_entry(client, path)["leases"] >= 1
