@@ -156,7 +156,13 @@ def child(method: str, path: str, url: str) -> None:
     if method == PLAIN:
         print(json.dumps({"seconds": plain_read(path, 2)}))
         return
-    client = ckptd.Client(url) if method in (COLD, WARM) else None  # process set-up, not timed
+    # Process set-up, not timed: what a worker imports and makes once (torch.load has all
+    # of torch imported). The first call through ckptd.load(server=) is timed with its own.
+    client = ckptd.Client(url) if method in (COLD, WARM) else None
+    if method == EMBEDDED:
+        import ckptd.engine._load  # noqa: F401  (the engine's modules; ckptd imports them on first use)
+
+        assert callable(ckptd.load)
     start = time.perf_counter()
     if method == TORCH:
         obj = torch.load(path, map_location="cpu")
@@ -298,7 +304,7 @@ def main() -> None:
             daemon.wait(30)
     report["load_average_after"] = load_average()
     report["seconds"] = round(time.monotonic() - started, 1)
-    report["command"] = "python bench/attach.py" + ("" if args.rounds == 5 else f" --rounds {args.rounds}")
+    report["command"] = " ".join([".venv/bin/python bench/attach.py", *sys.argv[1:]])
     stem = args.out / f"attach-{dt.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(markdown(report))
@@ -333,7 +339,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Warm attach and per-tensor cost ({dt.date.today().isoformat()})",
         "",
-        f"Command: `.venv/bin/python bench/attach.py` (commit {m['commit']}); {m['cpu']}, {m['cpus']} CPUs, "
+        f"Command: `{report['command']}` (commit {m['commit']}); {m['cpu']}, {m['cpus']} CPUs, "
         f"Python {m['python']}, torch {m['torch']}; load average {report['load_average_before']} before, "
         f"{report['load_average_after']} after; {report['seconds']} s in all. Medians over the rounds, each load in a "
         "fresh process, file in the page cache. Speed-ups are torch.load's median over the method's.",

@@ -9,7 +9,7 @@ daemon, and the client builds on them, so imports run one way: front → client 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +18,8 @@ from ckptd.formats import FileLike
 from ckptd import engine
 from ckptd.engine import MapLocation, Select, settings
 
-from ._client import Client, shared_client
+if TYPE_CHECKING:
+    from ._client import Client
 
 Progress = engine.Progress
 
@@ -93,4 +94,10 @@ def jit_load(
 def _daemon(server: str | None) -> Client | None:
     """The process's client for ``server`` (else ``ckptd.settings.url``); None: load embedded."""
     url = server or settings.url
-    return shared_client(url) if url else None
+    if not url:
+        return None
+    # Imported here: an embedded load never pays for the daemon client's HTTP stack
+    # (httpx and what it imports: 0.1-0.4 s in a fresh process, more than a small load).
+    from ._client import shared_client
+
+    return shared_client(url)
