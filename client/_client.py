@@ -262,6 +262,8 @@ class Client(Connection):
         those on a GPU."""
         try:
             arenas = {info.id: self._map(info, manifest.lease) for info in manifest.arenas}
+        except DaemonNotRunningError:  # the daemon died (it is not out of reach): after a restart this client maps again
+            raise
         except OSError as exc:  # the daemon's memory is out of reach: another host, PID namespace (container) or user
             if self._requested is Transport.SHM:
                 raise DaemonError(
@@ -336,10 +338,19 @@ class Client(Connection):
 
     def _host_arena_fd(self, info: ArenaInfo, lease: str) -> int:
         """A host-memory arena's descriptor: from the descriptor socket (lease-checked), or
-        over TCP through the daemon's ``/proc`` entry (:func:`open_proc_arena`)."""
-        if urlparse(self.url).scheme == "unix":
-            return receive_fd(self.url, lease, info.id)
-        return open_proc_arena(info.path, str((info.handle or {}).get("name")))
+        over TCP through the daemon's ``/proc`` entry (:func:`open_proc_arena`).
+
+        :class:`OSError` (``auto`` then streams) where this process sees the daemon's socket
+        but not the descriptor socket beside it: a container given the socket file alone.
+        """
+        parsed = urlparse(self.url)
+        if parsed.scheme != "unix":
+            return open_proc_arena(info.path, str((info.handle or {}).get("name")))
+        beside = parsed.path + ".fd"
+        if os.path.exists(parsed.path) and not os.path.exists(beside):
+            raise FileNotFoundError(f"no descriptor socket {beside} beside the daemon's socket here (only the socket "
+                                    "file shared with this container?)")
+        return receive_fd(self.url, lease, info.id)
 
     def _hold(self, manifest: Manifest, build: Callable[[Manifest], Any], again: Callable[[], Manifest]) -> Any:
         """Map the arenas and build the result, then keep its lease until they are unmapped

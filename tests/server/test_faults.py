@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import ckptd
+import ckptd._client as ckptd_client
 from ckptd_testlib import READY_PREFIX, Daemon, arenas_of, cached_entry, start_daemon, wait_for
 
 logger = logging.getLogger(__name__)
@@ -499,3 +500,40 @@ def test_a_file_overwritten_during_reads_is_never_returned_torn(daemon: Daemon, 
     logger.info("overwritten during reads: %s, %d rewrites", outcomes, writes[0])
     final = versions[(writes[0] - 1) % 2]  # the writer stops between versions
     assert digests(client.load(path)) == final  # not a torn copy cached along the way
+
+
+def test_a_client_whose_daemon_dies_under_its_load_maps_again_after_the_restart(
+    dirs: tuple[Path, Path, Path], short_socket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon is SIGKILLed after sending the manifest, before the arena's descriptor:
+    the load fails with DaemonNotRunningError, and that is no sign the client cannot map
+    (it must not go on streaming over HTTP, a copy per process, once the daemon is back)."""
+    root, shm, _ = dirs
+    sums = save(root / "m.pt", 2, seed=12)
+    url = f"unix://{short_socket}"
+    first = serve(short_socket, root, shm)
+    real = ckptd_client.receive_fd
+
+    def dying(*args: Any) -> int:
+        first.kill()  # SIGKILL, between the manifest and the descriptor
+        first.wait()
+        return real(*args)
+
+    try:
+        with ckptd.Client(url) as client:
+            monkeypatch.setattr(ckptd_client, "receive_fd", dying)
+            with pytest.raises(ckptd.DaemonNotRunningError):
+                client.load(root / "m.pt")
+            monkeypatch.undo()
+            second = serve(short_socket, root, shm)
+            try:
+                assert digests(client.load(root / "m.pt")) == sums
+                assert client.transport_used == "shm" and client.loads_by_transport == {"shm": 1}
+            finally:
+                stop(second)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        if first.stdout is not None:
+            first.stdout.close()

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import zlib
@@ -290,6 +291,14 @@ def test_mapping_is_the_default_where_it_works(daemon: Daemon) -> None:
         assert client.transport_used == "shm" and client.last_fetch is None
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (a socket path must fit in 108 bytes)."""
+    directory = tempfile.mkdtemp(prefix="ckr", dir="/tmp")
+    yield Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def _not_allowed(path: str, name: str) -> int:
     raise PermissionError(13, "Permission denied", path)  # what a worker of another user sees in the daemon's /proc
 
@@ -488,3 +497,22 @@ def test_streamed_gpu_target(http_client: ckptd.Client, daemon: Daemon) -> None:
     path = _save(daemon.root, "to_gpu_real.pt")
     assert_same(torch.load(path, map_location="cuda:0"), http_client.load(path, map_location="cuda:0"))
     assert http_client.transport_used == "http"
+
+
+def test_a_worker_given_only_the_socket_file_streams(daemon: Daemon, short_dir: Path) -> None:
+    """A container that mounts the daemon's socket file alone (not its directory) has no
+    descriptor socket beside it: host arenas cannot reach it, so ``auto`` streams over that
+    socket; ``shm`` says what to do."""
+    path = _save(daemon.root, "socket_only.pt")
+    alone = short_dir / "d.sock"
+    os.link(daemon.sock, alone)  # the same socket under another name, with no .fd beside it
+    with ckptd.Client(f"unix://{alone}") as client:
+        assert_same(torch.load(path), client.load(path))
+        assert client.transport_used == "http" and client.loads_by_transport == {"http": 1}
+        assert cached_entry(client, path)["leases"] == 0
+    with ckptd.Client(f"unix://{alone}", transport="shm") as client:
+        with pytest.raises(ckptd.DaemonError, match="transport='http'"):
+            client.load(path)
+    with ckptd.Client(daemon.url) as client:  # beside it, the same daemon maps
+        assert_same(torch.load(path), client.load(path))
+        assert client.transport_used == "shm"
