@@ -144,7 +144,7 @@ def daemon_in(base: Path, *extra: str) -> Iterator[Daemon]:
     yield from start_daemon(base / "root", base / "shm", *extra)
 
 
-def wait_for(condition: Callable[[], Any], what: str = "condition", timeout: float = 10.0) -> Any:
+def wait_for(condition: Callable[[], Any], what: str = "condition", timeout: float = 60.0) -> Any:
     """Poll ``condition`` until it is true (returned) or ``timeout`` seconds pass (AssertionError)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -12,6 +12,7 @@ import pickletools
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -436,9 +437,23 @@ def test_deep_nesting_with_a_tensor_at_the_bottom(tmp_path: Path) -> None:
     assert entry.shape == (3,)
 
 
+@contextlib.contextmanager
+def _cpu_limit(seconds: float) -> Iterator[None]:
+    """Fail if the block uses more than ``seconds`` of this process's CPU time.
+
+    CPU time, not wall time: on a loaded CI machine the wall clock is the scheduler's. A
+    wall-clock guard ten times as long still ends a block that never finishes.
+    """
+    started = time.process_time()
+    with _time_limit(10 * seconds + 30):
+        yield
+    used = time.process_time() - started
+    assert used < seconds, f"used {used:.2f} s of CPU (limit {seconds} s)"
+
+
 def test_very_deep_nesting_is_fast() -> None:
     data = _nested_lists_append(100_000)  # 200 KB of pickle
-    with _time_limit(8):  # a linear scan takes about 2 s here
+    with _cpu_limit(8):  # a linear scan takes well under a second of CPU here; a quadratic one, minutes
         result = scan(data, NAME)
     assert _depth(result.root) == 100_000
 
@@ -460,7 +475,7 @@ def test_doubling_dag_is_what_it_claims() -> None:
 def test_shared_subtrees_do_not_explode() -> None:
     data = _doubling_dag(40)
     assert len(data) < 400
-    with _time_limit(3):  # a walk that visits each shared list once takes milliseconds
+    with _cpu_limit(3):  # a walk that visits each shared list once takes milliseconds; 2**40 visits, forever
         try:
             scan(data, NAME)
         except CheckpointError:

@@ -162,14 +162,14 @@ class ClientProc:
             script.write_text(CLIENT_SCRIPT)
         self.proc = subprocess.Popen([sys.executable, str(script), url, str(path), str(self.out), mode], stdin=subprocess.PIPE, text=True)
 
-    def result(self, timeout: float = 30.0) -> dict:
+    def result(self, timeout: float = 180.0) -> dict:  # a hang bound: three torch start-ups share 2 loaded cores
         return report_of(self.proc, self.out, timeout)
 
     def finish(self) -> dict:
         assert self.proc.stdin is not None
         self.proc.stdin.write("\n")
         self.proc.stdin.close()
-        assert self.proc.wait(timeout=30) == 0
+        assert self.proc.wait(timeout=120) == 0
         return json.loads(self.out.read_text())
 
     def kill(self) -> None:
@@ -474,7 +474,9 @@ def test_sigterm_with_connected_clients_stops_at_once_and_cleanly(tmp_path: Path
             assert torch.equal(state["f32"], torch.load(path)["f32"])  # held tensors outlive the daemon
         assert proc.stderr is not None
         log = proc.stderr.read()
-        assert elapsed < 2.0, (elapsed, log)
+        # under 1 s on a quiet machine; 10-11 s before the fix (the heartbeat never ended): the
+        # bound leaves a loaded CI machine room and still catches that
+        assert elapsed < 5.0, (elapsed, log)
         assert "Traceback" not in log and "CancelledError" not in log, log
         assert not os.path.exists(sock)
         assert holder.finish()["equal"]
@@ -531,7 +533,7 @@ def test_client_killed_during_its_first_load_loses_the_lease_at_once(tmp_path: P
             proc = subprocess.run([sys.executable, str(script), slow.url, str(path)], timeout=120)
             assert proc.returncode == -signal.SIGKILL
             assert cached_entry(admin, path)["misses"] == 1  # the load was served
-            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the dead client's lease to end", timeout=10)
+            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the dead client's lease to end", timeout=60)
             admin.evict(str(path))
 
 
@@ -583,7 +585,7 @@ def test_session_watch_reopens_after_a_daemon_restart(tmp_path: Path) -> None:
             assert admin.stats()["sessions"] == 1  # the worker's, reopened (this client loads nothing)
             client.kill()
             client.wait()
-            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the killed client's lease to end", timeout=10)
+            wait_for(lambda: cached_entry(admin, path)["leases"] == 0, "the killed client's lease to end", timeout=60)
     finally:
         if client.poll() is None:
             client.kill()
