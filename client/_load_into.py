@@ -11,9 +11,10 @@ checkpoint aliasing the loaded storage, tied parameters still tied.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,7 +38,8 @@ def meta_parameters() -> Iterator[None]:
     they must be computed when the model is built; parameters will come from the
     checkpoint. Under ``torch.device("meta")`` both would be empty; here only parameters
     are. Each parameter is created as the module's ``__init__`` creates it and moved to
-    ``meta`` as it is registered, so no memory stays behind.
+    ``meta`` as it is registered, so no memory stays behind; ``torch.nn.init``'s
+    initializers leave meta tensors as they are (there are no values to fill).
 
     >>> with meta_parameters():
     ...     layer = torch.nn.Linear(4, 2)
@@ -45,6 +47,7 @@ def meta_parameters() -> Iterator[None]:
     'meta'
     """
     original = nn.Module.register_parameter
+    initializers = {name: getattr(nn.init, name) for name in _INITIALIZERS}
 
     def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
@@ -54,10 +57,33 @@ def meta_parameters() -> Iterator[None]:
             module._parameters[name] = type(placed)(placed.to("meta"), requires_grad=placed.requires_grad)
 
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign, assignment]
+    for name, init in initializers.items():
+        setattr(nn.init, name, _skipping_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for name, init in initializers.items():
+            setattr(nn.init, name, init)
+
+
+# torch.nn.init's in-place initializers. A meta tensor has no values to fill, yet torch runs
+# its Python meta kernels for the random ones, and the first of those imports torch._dynamo:
+# ~1.3 s of CPU in a worker's first model build, for nothing (the checkpoint's values come next).
+_INITIALIZERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+
+
+def _skipping_meta(init: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``init`` that leaves a meta tensor as it is (and fills any other as before)."""
+
+    @functools.wraps(init)
+    def skipping(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+    return skipping
 
 
 def load_into(

@@ -77,6 +77,43 @@ def test_meta_parameters_keeps_buffers_real() -> None:
     assert nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone after the block
 
 
+_FIRST_BUILD = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from torch import nn
+    import ckptd
+    started = time.process_time()
+    with ckptd.meta_parameters():
+        model = nn.Sequential(
+            nn.Embedding(64, 32), nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
+            nn.Conv1d(32, 32, 3), nn.LayerNorm(32), nn.Linear(32, 8),
+        )
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    print("torch._dynamo" in sys.modules, time.process_time() - started)
+    """
+)
+
+
+def test_meta_parameters_fills_no_meta_values() -> None:
+    """torch runs Python meta kernels for nn.init's random fills, and the first imports
+    torch._dynamo (~1.3 s of CPU in a fresh worker); a meta tensor has no values to fill."""
+    run = subprocess.run([sys.executable, "-c", _FIRST_BUILD], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    dynamo, cpu = run.stdout.split()
+    assert dynamo == "False", cpu
+
+
+def test_meta_parameters_still_fills_real_tensors() -> None:
+    real, torchs = torch.zeros(4, 4), nn.init.normal_
+    with ckptd.meta_parameters():
+        nn.init.ones_(real)  # a tensor of the caller's own, not a parameter being registered
+        model = nn.Linear(4, 4)
+    assert torch.equal(real, torch.ones(4, 4)) and model.weight.is_meta
+    assert nn.init.normal_ is torchs  # torch's initializers are back after the block
+    assert nn.Linear(4, 4).weight.abs().sum() > 0
+
+
 def test_parameters_are_the_arena(saved: tuple[Path, nn.Module]) -> None:
     path, reference = saved
     model = _empty_model()
