@@ -226,6 +226,7 @@ def _central_entry(source: Source, directory: bytes, position: int, disk: int, s
     if following > len(directory):
         raise CheckpointError(source.name, "corrupt zip archive: central directory entry overruns the directory")
     name = directory[name_at : name_at + name_len].decode("utf-8", "surrogateescape")
+    bounded = compressed != _U32_MAX  # miniz bounds a record here only by a 32-bit compressed size
     if _U32_MAX in (compressed, size, offset):
         size, compressed, offset = _zip64_extra(directory[name_at + name_len : name_at + name_len + extra_len], size, compressed, offset)
     # miniz's check reads method and time as one 32-bit word: a stored record with a time is not checked
@@ -236,7 +237,7 @@ def _central_entry(source: Source, directory: bytes, position: int, disk: int, s
     if flags & _MASKED:
         raise CheckpointError(source.name, f"record {name!r} is encrypted: not a torch checkpoint")
     offset += shift
-    if offset + _LOCAL.size + compressed > source.size:
+    if bounded and offset + _LOCAL.size + compressed > source.size:  # others are checked when read (data_offset)
         raise CheckpointError(source.name, f"record {name!r} lies outside the file: truncated or corrupt")
     is_directory = name.endswith("/") or bool(attributes & _DOS_DIRECTORY)
     return ZipRecord(name, offset, method, compressed, size, flags, is_directory), following

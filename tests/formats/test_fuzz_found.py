@@ -192,3 +192,19 @@ def test_stored_pickle_record_with_a_smaller_compressed_size_reads_whole(tmp_pat
     path = tmp_path / "short-compressed-size.pt"
     path.write_bytes(raw)
     _assert_as_torch(path, loads=True)
+
+
+def test_unread_record_whose_compressed_size_is_the_zip64_marker_does_not_fail_the_file(tmp_path: Path) -> None:
+    """miniz checks a record's bounds in the directory only by a 32-bit compressed size; one that
+    says 0xFFFFFFFF (and has no zip64 field) fails only if it is read, and torch never reads it."""
+    buf = io.BytesIO()
+    torch.save({"a": torch.arange(3.0)}, buf)
+    raw = bytearray(buf.getvalue())
+    name = b"archive/.format_version"
+    entry = raw.index(name, raw.index(b"PK\x01\x02")) - 46  # its central directory entry
+    assert raw[entry : entry + 4] == b"PK\x01\x02"
+    raw[entry + 46 : entry + 46 + len(name)] = b"archive/.format_vXrsion"  # a record torch never looks up
+    struct.pack_into("<I", raw, entry + 20, 0xFFFFFFFF)  # its compressed size: the zip64 marker
+    path = tmp_path / "marker.pt"
+    path.write_bytes(raw)
+    _assert_as_torch(path, loads=True)
