@@ -273,6 +273,8 @@ def rebuild(layout: Layout, storages: StorageSet, request: Request, single: bool
 def wanted_entries(layout: Layout, tensor_name: str | None, prefix: str | None, select: Select) -> list[TensorEntry] | None:
     if tensor_name is not None and select is not None:
         raise UsageError("pass either tensor_name= or select=, not both")
+    if tensor_name is None and select is None:
+        return None  # the whole object: no name map (tens of thousands of entries) to build per load
     entries = layout.tensor_map()
     if tensor_name is not None:
         return [find(entries, tensor_name, prefix, layout.name)]

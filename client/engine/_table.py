@@ -274,7 +274,7 @@ class _Storages:
                         storage = arenas[arena][offset : offset + nbytes]
                     else:
                         storage = self._storage(nbytes, location, arena, offset)
-                if storage.data_ptr() != 0:
+                if nbytes or storage.data_ptr() != 0:  # (a view of nbytes > 0 has an address)
                     cache[key] = storage
             append(storage)
         return out
@@ -308,14 +308,10 @@ def _tensor_maker(storages: list[torch.UntypedStorage]) -> Callable[[tuple[Any, 
     # as a persistent id; the unpickler's memo keeps it alive): one tensor object.
     made: dict[int, torch.Tensor] = {}
 
-    def tensor(row: tuple[Any, ...]) -> torch.Tensor:
-        found = made.get(id(row))
-        if found is not None:
-            return found
-        made[id(row)] = out = _made(row)
-        return out
-
-    def _made(row: tuple[Any, ...]) -> torch.Tensor:
+    def tensor(row: tuple[Any, ...]) -> torch.Tensor:  # once per tensor: kept in one lean function
+        out = made.get(id(row))
+        if out is not None:
+            return out
         reference, dtype_name, offset, size, stride, requires_grad, parameter = row
         storage = storages[reference]
         device = storage.device
@@ -328,7 +324,8 @@ def _tensor_maker(storages: list[torch.UntypedStorage]) -> Callable[[tuple[Any, 
             out.requires_grad = True
         out._backward_hooks = OrderedDict()
         if parameter is not None:
-            return rebuild_parameter(out, parameter, OrderedDict())  # type: ignore[no-any-return]
+            out = rebuild_parameter(out, parameter, OrderedDict())
+        made[id(row)] = out
         return out
 
     return tensor
