@@ -368,7 +368,8 @@ def criteria(report: dict[str, Any]) -> list[str]:
                    f"{'met' if warm <= 0.010 and ref / warm >= 50 else 'NOT met'}.")
         out.append(f"- 1 GiB cold CPU load: ckptd.load {_ms(med[EMBEDDED])} = {ref / med[EMBEDDED]:.2f}x torch.load (bar "
                    f">= 1.4x: {'met' if ref / med[EMBEDDED] >= 1.4 else 'NOT met'}); {med[EMBEDDED] / med[PLAIN]:.2f}x "
-                   f"the plain read into fresh shared memory with 2 threads ({_ms(med[PLAIN])}, this machine's floor).")
+                   f"the plain read of the file into fresh shared memory with 2 threads ({_ms(med[PLAIN])}, meant as "
+                   "the machine's floor; a ratio below 1 means that read was the slower one in this run).")
     if "moe-20000" in cases:
         med = {k: statistics.median(v) for k, v in cases["moe-20000"]["times"].items()}
         out.append(f"- 20,000 tensors, warm attach: median {_ms(med[WARM])} (bar <= 150 ms): "
