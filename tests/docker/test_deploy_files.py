@@ -3,7 +3,11 @@
 ``docker compose`` and ``kubectl`` are not available here, so these tests read the files
 and check them against the code they run: probe paths are real routes of the app, the
 daemon's arguments parse with ckptd's own CLI, every ``CKPTD_*`` variable names a real
-setting, and the daemon and its workers agree on socket, IPC namespace, uid and paths.
+setting, and the daemon and its workers agree on socket, namespaces, uid and paths.
+CPU arenas are anonymous memfds handed over the descriptor socket beside the daemon's
+(so only the socket directory and the uid are shared, and the daemon's memory limit, not
+a /dev/shm size, holds the host budget); the IPC and PID namespaces are shared exactly
+where CUDA IPC needs them.
 Every Kubernetes manifest is validated against the API's schemas (kubernetes-validate,
 strict), and the rules a platform's admission and scanners apply (checkov's, GKE's
 quota admission) are checked here one by one.
@@ -28,6 +32,7 @@ import yaml
 import ckptd
 from ckptd._cli import build_parser
 from ckptd.server import Settings, load_settings
+from ckptd.server._fdchannel import fd_socket_path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -136,12 +141,13 @@ def _compose_parts() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any
     return compose, services["ckptd"], workers, services["prepare"]
 
 
-def test_compose_daemon_and_two_workers_share_socket_ipc_uid_and_paths() -> None:
+def test_compose_daemon_and_two_workers_share_socket_uid_and_paths() -> None:
     compose, daemon, workers, _ = _compose_parts()
     assert len(workers) >= 2
     socket = daemon["environment"]["CKPTD_SOCKET"]
     _check_variables(daemon["environment"])
-    assert daemon["ipc"] == "shareable" and daemon["healthcheck"]["test"] == ["CMD", "ckptd", "health"]
+    assert fd_socket_path(Path(socket)).parent == Path(socket).parent  # one volume holds both sockets
+    assert daemon["healthcheck"]["test"] == ["CMD", "ckptd", "health"]
     assert _seconds(daemon["healthcheck"]["timeout"]) >= 5
     assert daemon["build"]["context"] == ".." and daemon["build"]["dockerfile"] == "docker/Dockerfile"
     daemon_mounts = {_mount_target(v): v for v in daemon["volumes"]}
@@ -151,7 +157,7 @@ def test_compose_daemon_and_two_workers_share_socket_ipc_uid_and_paths() -> None
     assert volume in compose["volumes"]
     for worker in workers:
         _check_variables(worker["environment"])
-        assert worker["ipc"] == "service:ckptd" and worker["build"] == daemon["build"]
+        assert worker["build"] == daemon["build"]
         assert worker["image"] == daemon["image"]  # one image, built once
         assert worker["user"] == daemon["user"]  # the socket and arenas are owner-only
         assert worker["environment"]["CKPTD_URL"] == f"unix://{socket}"
@@ -225,9 +231,75 @@ def test_compose_user_is_the_image_user() -> None:
     assert _yaml("compose.yaml")["services"]["ckptd"]["user"] == f"${{CKPTD_UID:-{uid}}}:${{CKPTD_GID:-{gid}}}"
 
 
+def _compose_services(name: str) -> dict[str, Any]:
+    return _yaml(name)["services"]
+
+
+def test_compose_shares_namespaces_only_where_cuda_ipc_needs_them() -> None:
+    """CPU arenas are memfds passed over the descriptor socket: the CPU compose shares no
+    IPC or PID namespace. The GPU overlay shares the daemon's IPC and PID namespaces with
+    the workers (CUDA IPC handles do not open across PID namespaces)."""
+    for service in _compose_services("compose.yaml").values():
+        assert "ipc" not in service and "pid" not in service
+    overlay = _compose_services("compose.gpu.yaml")
+    assert overlay["ckptd"]["ipc"] == "shareable" and "pid" not in overlay["ckptd"]
+    workers = [s for name, s in overlay.items() if name.startswith("worker")]
+    assert len(workers) >= 2
+    for worker in workers:
+        assert worker["ipc"] == "service:ckptd" and worker["pid"] == "service:ckptd"
+    assert "ipc" not in overlay["prepare"] and "pid" not in overlay["prepare"]
+
+
+def _compose_budgets(*names: str) -> tuple[dict[str, str], float]:
+    """The daemon's environment and mem_limit (bytes) once the compose files are merged."""
+    env: dict[str, str] = {}
+    limit = ""
+    for name in names:
+        daemon = _compose_services(name)["ckptd"]
+        env.update(daemon.get("environment", {}))
+        limit = daemon.get("mem_limit", limit)
+        assert "shm_size" not in daemon, f"{name}: memfd arenas are not in /dev/shm; shm_size limits nothing of theirs"
+    assert limit, f"{names}: the daemon needs a memory limit that holds its budgets"
+    return env, _quantity(limit.replace("g", "Gi").replace("m", "Mi"))
+
+
+@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.gpu.yaml")])
+def test_compose_daemon_memory_limit_holds_its_budgets(
+    files: tuple[str, ...], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """memfd pages are charged to the daemon that writes them and no tmpfs size bounds
+    them: the daemon's mem_limit holds the host budget (and the host tier, when GPUs have
+    one) plus the process."""
+    env, limit = _compose_budgets(*files)
+    for key in [k for k in os.environ if k.startswith("CKPTD_")]:
+        monkeypatch.delenv(key)
+    settings = load_settings(
+        roots=[tmp_path], shm_dir=tmp_path, socket="/tmp/ckdeploy/d.sock",
+        host_budget=env["CKPTD_HOST_BUDGET"], host_tier_budget=env.get("CKPTD_HOST_TIER_BUDGET", "0"),
+    )  # fmt: skip
+    if "compose.gpu.yaml" in files:
+        assert "CKPTD_HOST_TIER_BUDGET" in env  # its default is a share of RAM, unbounded by the limit
+    assert limit >= settings.host_budget + settings.host_tier_budget + PROCESS_BYTES
+
+
+def test_docker_files_do_not_put_host_arenas_in_dev_shm() -> None:
+    """--shm-dir only holds simulated GPUs' memory: the real deployments neither set it
+    nor size /dev/shm for the host budget."""
+    assert "CKPTD_SHM_DIR" not in _dockerfile_env()
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        for service in _compose_services(name).values():
+            assert "shm_size" not in service and "CKPTD_SHM_DIR" not in service.get("environment", {}), name
+            assert "/dev/shm" not in {_mount_target(v) for v in service.get("volumes", [])}, name
+    for name in ("daemonset.yaml", "worker-deployment.yaml"):
+        for container in _containers(_pod(name)["spec"]):
+            assert "CKPTD_SHM_DIR" not in {e["name"] for e in container.get("env", [])}, name
+            assert "/dev/shm" not in {m["mountPath"] for m in container.get("volumeMounts", [])}, name
+
+
 # --- Kubernetes -----------------------------------------------------------------------
 
 K8S = DOCKER / "k8s"
+PROCESS_BYTES = 4 * 2**30  # the daemon process itself: the interpreter, torch, the staging pool
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # the oldest and newest the validator knows that we support
 
 
@@ -274,7 +346,7 @@ def test_daemonset() -> None:
     assert manifest["kind"] == "DaemonSet"
     pod = manifest["spec"]["template"]
     spec = pod["spec"]
-    assert spec["hostIPC"] is True
+    assert spec["hostIPC"] is True and spec["hostPID"] is True  # CUDA IPC (GPU nodes only)
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
     (container,) = spec["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -334,9 +406,8 @@ def test_daemon_memory_is_guaranteed_and_holds_its_budgets(monkeypatch: pytest.M
         roots=[tmp_path], shm_dir=tmp_path, socket="/tmp/ckdeploy/d.sock",
         host_budget=env["CKPTD_HOST_BUDGET"], host_tier_budget=env["CKPTD_HOST_TIER_BUDGET"],
     )  # fmt: skip
-    process = 4 * 2**30  # the interpreter, torch, the staging pool
     limit = _quantity(daemon["resources"]["limits"]["memory"])
-    assert limit >= settings.host_budget + settings.host_tier_budget + process
+    assert limit >= settings.host_budget + settings.host_tier_budget + PROCESS_BYTES
 
 
 def test_pods_are_hardened_and_tolerate_service_links() -> None:
@@ -376,7 +447,8 @@ def test_network_policy_guards_the_tcp_port() -> None:
 
 def test_worker_deployment_matches_the_daemon() -> None:
     daemon, worker = _pod("daemonset.yaml")["spec"], _pod("worker-deployment.yaml")["spec"]
-    assert worker["hostIPC"] is True
+    assert worker["hostIPC"] is True and worker["hostPID"] is True  # CUDA IPC: the worker has a GPU
+    assert "nvidia.com/gpu" in worker["containers"][0]["resources"]["limits"]
     assert worker["securityContext"]["runAsUser"] == daemon["securityContext"]["runAsUser"]
     assert worker["securityContext"]["runAsGroup"] == daemon["securityContext"]["runAsGroup"]
     (d,) = daemon["containers"]
@@ -413,6 +485,21 @@ def test_readme_creates_the_namespace_before_the_secret() -> None:
     namespace = text.index("kubectl apply -f docker/k8s/namespace.yaml")
     assert namespace < text.index("kubectl -n ckptd create secret") < text.index("kubectl apply -k docker/k8s")
     assert "kustomize edit set image ckptd=" in text
+
+
+def test_readme_deployment_agrees_with_the_files() -> None:
+    """The Deployment section says what the files now do: the descriptor socket in the
+    shared socket directory, a memory limit (not /dev/shm) for the host budget, the
+    namespaces CUDA IPC needs."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Deployment") : text.index("\n## ", text.index("## Deployment") + 1)]
+    assert "<socket>.fd" in section and "mem_limit" in section
+    assert "`shm_size` for the host budget" not in section and "IPC namespace\nand `/dev/shm`" not in section
+    spec = _pod("daemonset.yaml")["spec"]
+    for key in ("hostIPC", "hostPID"):
+        assert spec[key] is True and f"`{key}`" in section
+    gpu_worker = _compose_services("compose.gpu.yaml")["worker-1"]
+    assert gpu_worker["ipc"] == gpu_worker["pid"] == "service:ckptd" and "service:ckptd" in section
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs the step as root, as compose does")
