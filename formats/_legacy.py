@@ -90,6 +90,7 @@ def _storage_records(
     if type(keys.root) is not list or not all(isinstance(k, (str, int)) for k in keys.root):
         raise CheckpointError(source.name, "the storage key list is malformed")
     roots = {ref.key: ref for ref in main.storages.values()}
+    grown = _grown_bytes(main)
     offset = keys.end
     records: dict[str, StorageRecord] = {}
     for key in map(str, keys.root):
@@ -97,11 +98,17 @@ def _storage_records(
         if ref is None:
             raise CheckpointError(source.name, f"storage {key!r} is listed but never used: corrupt")
         (numel,) = struct.unpack("<q", _read_exact(source, head, offset, 8))
-        # torch checks the byte count, computed in 64 bits that wrap (numel * itemsize)
-        if (numel * ref.dtype.itemsize) % (1 << 64) != ref.numel * ref.dtype.itemsize:
+        # torch checks the byte count, computed in 64 bits that wrap (numel * itemsize), against
+        # the storage as the pickle left it: its first id's size, grown by any tensor set on it
+        # (a file that fills only the first id's size loads here; the tensor that overruns it
+        # then fails in the rebuild as torch's set_ does, with its RuntimeError)
+        needed = max(ref.numel * ref.dtype.itemsize, grown.get(key, 0))
+        if (numel * ref.dtype.itemsize) % (1 << 64) not in (needed, ref.numel * ref.dtype.itemsize):
             raise CheckpointError(source.name, f"storage {key!r} holds {numel} elements, its table says {ref.numel}")
         offset += 8
-        numel = ref.numel
+        if (numel * ref.dtype.itemsize) % (1 << 64) != needed:
+            needed = ref.numel * ref.dtype.itemsize
+        numel = needed // ref.dtype.itemsize
         nbytes = numel * ref.dtype.itemsize
         records[key] = StorageRecord(key, ref.dtype, numel, ref.location, offset, nbytes)
         offset += nbytes
@@ -109,6 +116,26 @@ def _storage_records(
     if missing:
         raise CheckpointError(source.name, f"storage {sorted(missing)[0]!r} has no data: truncated or corrupt")
     return records, offset
+
+
+def _grown_bytes(main: ScanResult) -> dict[str, int]:
+    """How many bytes each storage reaches once the pickle's tensors are set on it.
+
+    torch makes a legacy storage as big as its first id says, and ``Tensor.set_`` grows it
+    (it is resizable) for a tensor that reaches further; the file's data must then fill the
+    grown size. Views of part of a storage never grow it.
+    """
+    views = {ref.key for ref in main.storages.values() if ref.view is not None}
+    grown: dict[str, int] = {}
+    for entry in main.tensors:
+        if len(entry.storage_keys) != 1 or entry.stride is None or entry.storage_keys[0] in views:
+            continue
+        if any(size == 0 for size in entry.shape):
+            continue  # no elements: set_ asks for no storage
+        extent = entry.storage_offset + 1 + sum((size - 1) * stride for size, stride in zip(entry.shape, entry.stride))
+        key = entry.storage_keys[0]
+        grown[key] = max(grown.get(key, 0), extent * entry.dtype.itemsize)
+    return grown
 
 
 def _read_exact(source: Source, head: bytes, offset: int, n: int) -> bytes:

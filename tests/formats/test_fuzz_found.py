@@ -35,12 +35,14 @@ def _global(module: str, name: str) -> bytes:
 
 
 def _tensor(
-    storage_type: bytes, key: str, numel: int, *, legacy: bool, memo: int | None = None, location: bytes = _text("cpu")
+    storage_type: bytes, key: str, numel: int, *, legacy: bool, memo: int | None = None, location: bytes = _text("cpu"),
+    size: int | None = None,
 ) -> bytes:
-    """``_rebuild_tensor_v2`` of a 1-d tensor over storage ``key``; ``storage_type`` and ``location`` are raw opcodes."""
+    """``_rebuild_tensor_v2`` of a 1-d tensor of ``size`` (default ``numel``) elements over storage
+    ``key`` whose id says ``numel``; ``storage_type`` and ``location`` are raw opcodes."""
     view = b"N" if legacy else b""  # legacy ids carry view metadata (None)
     pid = b"(" + _text("storage") + storage_type + _text(key) + location + b"J" + struct.pack("<i", numel) + view + b"tQ"
-    shape = b"J" + struct.pack("<i", numel) + b"\x85" + b"K\x01\x85"
+    shape = b"J" + struct.pack("<i", numel if size is None else size) + b"\x85" + b"K\x01\x85"
     args = b"(" + pid + b"K\x00" + shape + b"\x89" + _global("collections", "OrderedDict") + b")Rt"
     put = b"" if memo is None else b"q" + bytes([memo])
     return _global("torch._utils", "_rebuild_tensor_v2") + args + b"R" + put
@@ -208,3 +210,18 @@ def test_unread_record_whose_compressed_size_is_the_zip64_marker_does_not_fail_t
     path = tmp_path / "marker.pt"
     path.write_bytes(raw)
     _assert_as_torch(path, loads=True)
+
+
+def test_legacy_storage_grown_by_a_tensor_set_on_it(tmp_path: Path) -> None:
+    """A legacy storage is as big as its first id says, then ``set_`` grows it for a tensor that
+    reaches further; the file's data fills the grown size and torch.load succeeds."""
+
+    def make(keys: list[str]) -> bytes:
+        return _dict(
+            _text("a"), _tensor(_FLOAT, keys[0], 3, legacy=True, size=4),  # the id says 3, the tensor needs 4
+            _text("b"), _tensor(_FLOAT, keys[1], 4, legacy=True),
+        )
+
+    path = _legacy_with(tmp_path, {"a": torch.arange(4.0), "b": torch.arange(4.0) + 10}, make)
+    _assert_as_torch(path, loads=True)
+    assert torch.load(path, weights_only=True)["a"].untyped_storage().nbytes() == 16
