@@ -37,6 +37,8 @@ from ckptd.server._fdchannel import fd_socket_path
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 CLIENT_VARIABLES = {"CKPTD_URL", "CKPTD_TOKEN"}
+K8S = DOCKER / "k8s"
+PROCESS_BYTES = 4 * 2**30  # the daemon process itself: the interpreter, torch, the staging pool
 
 
 def _yaml(name: str) -> Any:
@@ -298,8 +300,6 @@ def test_docker_files_do_not_put_host_arenas_in_dev_shm() -> None:
 
 # --- Kubernetes -----------------------------------------------------------------------
 
-K8S = DOCKER / "k8s"
-PROCESS_BYTES = 4 * 2**30  # the daemon process itself: the interpreter, torch, the staging pool
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # the oldest and newest the validator knows that we support
 
 
