@@ -234,10 +234,10 @@ def rebuild_from_table(
     >>> rebuild_from_table(table, {"a": arena}, frozenset(), "cpu")
     {'w': tensor([0., 1., 2.])}
     """
-    version, refs, obj = _DataOnly(io.BytesIO(table)).load()
-    if version != VERSION:
-        raise ValueError(f"table version {version}, this client reads version {VERSION}")
-    with no_gc():
+    with no_gc():  # tens of thousands of rows and tensors: a collection walking a worker's heap per few hundred
+        version, refs, obj = _DataOnly(io.BytesIO(table)).load()
+        if version != VERSION:
+            raise ValueError(f"table version {version}, this client reads version {VERSION}")
         storages = _Storages(refs, arenas, placed, map_location).resolve()
         unpickler = _ObjectUnpickler(io.BytesIO(obj))
         unpickler.persistent_load = _tensor_maker(storages)  # type: ignore[method-assign]
