@@ -46,7 +46,8 @@ def load(
     ``pickle_load_args`` mean what they mean to torch.load. ``tensor_name`` returns one
     tensor, ``select`` (a list of names, or one name start) a dict of them; either reads
     only the storages they need. ``prefix`` is a module-name component saved names may
-    lack. ``progress`` is called with each chunk's byte count while storages are read.
+    lack. ``progress`` is called with each chunk's byte count while storages are read (through
+    the daemon, which reads them: once, with their total, when they are in place).
     ``server`` (default: ``ckptd.settings.url``, i.e. ``$CKPTD_URL``) loads through a
     daemon's shared cache instead of in this process (see :class:`ckptd.Client`).
 
@@ -59,7 +60,7 @@ def load(
     if client is not None:
         return client.load(
             f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
-            tensor_name=tensor_name, prefix=prefix, select=select, **pickle_load_args,
+            tensor_name=tensor_name, prefix=prefix, select=select, progress=progress, **pickle_load_args,
         )
     return engine.load(
         f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,

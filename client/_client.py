@@ -38,6 +38,7 @@ from ckptd.engine import (
     Kind,
     Manifest,
     MapLocation,
+    Progress,
     Select,
     StorageSet,
     UsageError,
@@ -53,6 +54,7 @@ from ckptd.engine import (
     restore,
     settings,
     table_applies,
+    table_bytes,
     target_for,
     target_tag,
     wanted_entries,
@@ -119,12 +121,16 @@ class Client(Connection):
         tensor_name: str | None = None,
         prefix: str | None = None,
         select: Select = None,
+        progress: Progress | None = None,
         **pickle_load_args: Any,
     ) -> Any:
         """:func:`ckptd.load` through the daemon: same arguments, same result, shared memory.
 
         ``f`` must be a path the daemon can open (it resolves it against its roots).
         ``mmap`` is accepted for torch.load compatibility: the arenas are mapped anyway.
+        The daemon reads the storages, so ``progress`` is called once, with the bytes of the
+        storages this load returns (what an embedded load reports chunk by chunk), when they
+        are in place.
         A callable ``map_location`` is applied here, once per storage, to the shared CPU storage.
         A bare ``"cuda"`` is this thread's current GPU, resolved here on each call.
         """
@@ -136,7 +142,7 @@ class Client(Connection):
         f = checkpoint_in_directory(f)  # a Hugging Face model directory loads like its file
         if isinstance(f, (str, os.PathLike)) and is_sharded_index(os.fspath(f)):
             return self._load_sharded(os.fspath(f), map_location, pickle_module, weights_only, tensor_name, prefix,
-                                      select, pickle_load_args)
+                                      select, progress, pickle_load_args)
         # a plain checkpoint loaded whole comes as a compact table: no pickle, no per-tensor JSON
         table = tensor_name is None and select is None and table_applies(request.pickle_module, request.pickle_load_args,
                                                                          request.map_location)
@@ -158,25 +164,33 @@ class Client(Connection):
         def build(manifest: Manifest) -> Any:
             if manifest.table is not None:
                 arenas, on_gpu = self._arenas(manifest)
-                return rebuild_from_table(manifest.table, arenas, on_gpu, request.map_location)
+                result = rebuild_from_table(manifest.table, arenas, on_gpu, request.map_location)
+                if progress is not None:
+                    progress(table_bytes(manifest.table, request.map_location))
+                return result
             layout = manifest.layout
             wanted = wanted_entries(layout, tensor_name, prefix, select)
-            keys = list(layout.storages) if wanted is None else keys_of(wanted)
+            keys = frozenset(layout.storages if wanted is None else keys_of(wanted))
             views, placed = self._views(manifest, request.map_location)
-            storages = StorageSet(layout, request.map_location, frozenset(keys), views=views, placed=placed)
-            return rebuild(layout, storages, request, tensor_name is not None, wanted)
+            storages = StorageSet(layout, request.map_location, keys, views=views, placed=placed)
+            result = rebuild(layout, storages, request, tensor_name is not None, wanted)
+            if progress is not None:
+                progress(_returned_bytes(manifest, keys, request.map_location))
+            return result
 
         return self._hold(manifest, build, ask)
 
     def _load_sharded(
         self, path: str, map_location: MapLocation, pickle_module: ModuleType | None, weights_only: bool | None,
-        tensor_name: str | None, prefix: str | None, select: Select, pickle_load_args: dict[str, Any],
+        tensor_name: str | None, prefix: str | None, select: Select, progress: Progress | None,
+        pickle_load_args: dict[str, Any],
     ) -> Any:
         """A Hugging Face sharded checkpoint: each shard through the daemon (cached on its own),
         merged into one state dict in the index's order."""
 
         def load_shard(shard: str, wanted: list[str]) -> Any:
-            return self.load(shard, map_location, pickle_module, weights_only=weights_only, select=wanted, **pickle_load_args)
+            return self.load(shard, map_location, pickle_module, weights_only=weights_only, select=wanted,
+                             progress=progress, **pickle_load_args)
 
         return load_shards(path, tensor_name, prefix, select, load_shard, self._index(path))
 
@@ -619,6 +633,14 @@ class _SessionWatch:
                 http.close()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
+
+
+def _returned_bytes(manifest: Manifest, keys: frozenset[str], map_location: MapLocation) -> int:
+    """The bytes of the storages ``keys`` a load returns (``meta`` targets have none): what
+    it reports to ``progress``, as many as an embedded load reports reading."""
+    storages = manifest.layout.storages
+    return sum(p.nbytes for p in manifest.placements
+               if p.key in keys and target_for(map_location, storages[p.key].location).kind is not Kind.META)
 
 
 def _json_or_none(response: httpx.Response) -> Any:

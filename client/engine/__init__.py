@@ -21,7 +21,8 @@ Importing it is torch-free: each name that needs torch imports its module on fir
   :class:`Placement`; the compact table a plain checkpoint loaded whole travels as
   instead of its pickle and per-tensor JSON: :func:`describe_table` (the daemon, once per
   checkpoint), :func:`encode_table` (with the arenas' places), :class:`TableSpec`,
-  :func:`table_applies` (whether a load's options allow one), :func:`rebuild_from_table`
+  :func:`table_applies` (whether a load's options allow one), :func:`table_bytes` (the
+  bytes a table's load makes resident), :func:`rebuild_from_table`
   (the client), :data:`TABLE_MEDIA` (the media type of an answer carrying one),
   :data:`SESSION_MEDIA` (a worker's first load and its session in one answer);
 * the protocol both ends of the daemon agree on (no transport): :func:`status_for`,
@@ -90,7 +91,7 @@ if TYPE_CHECKING:
     from ._plan import ArenaPlan, Kind, Plan, StoragePlan, Target, lay_out, plan_storages, target_for
     from ._select import Select
     from ._storages import StorageSet, read_storages
-    from ._table import TableSpec, describe_table, encode_table, rebuild_from_table, table_applies
+    from ._table import TableSpec, describe_table, encode_table, rebuild_from_table, table_applies, table_bytes
 
 __version__ = "0.1.0"
 
@@ -109,7 +110,9 @@ _LAZY = {
     ),
     "Select": "._select",
     **dict.fromkeys(("StorageSet", "read_storages"), "._storages"),
-    **dict.fromkeys(("TableSpec", "describe_table", "encode_table", "rebuild_from_table", "table_applies"), "._table"),
+    **dict.fromkeys(
+        ("TableSpec", "describe_table", "encode_table", "rebuild_from_table", "table_applies", "table_bytes"), "._table"
+    ),
 }
 
 __all__ = [
@@ -176,6 +179,7 @@ __all__ = [
     "settings",
     "status_for",
     "table_applies",
+    "table_bytes",
     "target_for",
     "target_tag",
     "wanted_entries",

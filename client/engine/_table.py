@@ -33,7 +33,7 @@ from torch import _weights_only_unpickler
 from ckptd.formats import Call, Format, Global, Layout, PersistentId, no_gc, scan, storage_dtype
 
 from ._placement import MapLocation, restore
-from ._plan import target_for
+from ._plan import Kind, target_for
 from ._rebuild import _TENSOR_V2, _Builder, _ints, _modes_active, _NotPlain, plain_opcodes
 
 # Table format version: a client refuses a table it cannot read (it then asks without one).
@@ -197,6 +197,28 @@ def encode_table(spec: TableSpec, where: Mapping[str, tuple[str, int]]) -> bytes
     """
     refs = [(key, nbytes, location, *where.get(key, (None, 0))) for key, nbytes, location in spec.storages]
     return pickle.dumps((VERSION, refs, spec.obj), protocol=4)
+
+
+def table_bytes(table: bytes, map_location: MapLocation) -> int:
+    """The bytes of the distinct storages a table's load returns (``meta`` targets have
+    none): what a daemon load reports to ``progress``, as many as an embedded load reports
+    reading.
+
+    >>> spec = TableSpec((("0", 8, "cpu"), ("0", 8, "cpu"), ("1", 4, "cpu")), pickle.dumps({}))
+    >>> table = encode_table(spec, {"0": ("a1", 64), "1": ("a1", 128)})
+    >>> table_bytes(table, None), table_bytes(table, "meta")
+    (12, 0)
+    """
+    _, refs, _ = _DataOnly(io.BytesIO(table)).load()
+    returned: dict[str, bool] = {}  # per saved location: whether its target holds bytes
+    sizes = {}
+    for key, nbytes, location, arena, _ in refs:
+        holds = returned.get(location)
+        if holds is None:
+            holds = returned[location] = target_for(map_location, location).kind is not Kind.META
+        if holds and arena is not None:
+            sizes[key] = nbytes
+    return sum(sizes.values())
 
 
 class _DataOnly(pickle.Unpickler):

@@ -105,6 +105,28 @@ def test_what_a_table_cannot_do_takes_the_pickle(daemon: Daemon, client: ckptd.C
     assert tables == [False, False, False, False]
 
 
+@pytest.mark.parametrize("options", [{}, {"map_location": "meta"}, {"select": "select_first"}, {"tensor_name": "first"}],
+                         ids=["whole", "meta", "select", "tensor_name"])
+def test_progress_reports_what_an_embedded_load_reads(
+    daemon: Daemon, client: ckptd.Client, tables: list[bool], options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load through the daemon reports the bytes of the storages it returns, as many as an
+    embedded load of the same request reports reading (it was silently dropped before)."""
+    monkeypatch.setattr(ckptd._client, "shared_client", lambda url: client)  # not the process's own, kept for later tests
+    path = _saved(daemon, "views_and_ties")
+    if "select" in options or "tensor_name" in options:
+        first = next(iter(torch.load(path)))
+        options = {"select": [first]} if "select" in options else {"tensor_name": first}
+    embedded: list[int] = []
+    through_daemon: list[int] = []
+    ckptd.load(path, progress=embedded.append, **options)
+    ckptd.load(path, progress=through_daemon.append, server=daemon.url, **options)
+    assert len(through_daemon) == 1
+    assert through_daemon == [sum(embedded)]
+    assert sum(embedded) > 0 or options.get("map_location") == "meta"
+    assert tables == [not ("select" in options or "tensor_name" in options)]
+
+
 def test_the_answer_carries_no_per_tensor_json(daemon: Daemon) -> None:
     path = daemon.root / "many.pt"
     torch.save({f"layer.{i}.weight": torch.full((4,), float(i)) for i in range(2000)}, path)
