@@ -176,6 +176,23 @@ def _plain_global(module: bytes, name: bytes) -> bool:
 # --- the builder ----------------------------------------------------------------------
 
 
+def storage_pid(pid: PersistentId) -> tuple[Global, str, str]:
+    """A torch zip storage id's storage type, key and saved location, as the plain rebuild
+    accepts it (a ``("storage", type, key, location, numel)`` tuple naming a storage class);
+    anything else is not plain.
+
+    >>> storage_pid(PersistentId(("storage", Global.named("torch", "FloatStorage"), "0", "cpu", 2)))[1:]
+    ('0', 'cpu')
+    """
+    value = pid.value
+    if type(value) is not tuple or len(value) != 5:
+        raise _NotPlain
+    kind, storage_type, key, location, _numel = value
+    if kind != "storage" or type(key) is not str or type(location) is not str or type(storage_type) is not Global:
+        raise _NotPlain
+    return storage_type, key, location
+
+
 class _Builder:
     """Walks the scan's record from the root, building each object once (the pickle's memo)."""
 
@@ -324,12 +341,7 @@ class _Builder:
         if found is not None:
             return found  # type: ignore[no-any-return]
         self.pids += 1
-        value = pid.value
-        if type(value) is not tuple or len(value) != 5:
-            raise _NotPlain
-        kind, storage_type, key, location, _numel = value
-        if kind != "storage" or type(key) is not str or type(location) is not str or type(storage_type) is not Global:
-            raise _NotPlain
+        storage_type, key, location = storage_pid(pid)
         loaded = self.loaded.get(key)
         if loaded is None:
             storage = self._get(key, location)

@@ -34,7 +34,7 @@ from ckptd.formats import Call, Format, Global, Layout, PersistentId, no_gc, sca
 
 from ._placement import MapLocation, restore
 from ._plan import Kind, target_for
-from ._rebuild import _TENSOR_V2, _Builder, _ints, _modes_active, _NotPlain, plain_opcodes
+from ._rebuild import _TENSOR_V2, _Builder, _ints, _modes_active, _NotPlain, plain_opcodes, storage_pid
 
 # Table format version: a client refuses a table it cannot read (it then asks without one).
 VERSION = 1
@@ -126,14 +126,9 @@ class _Describer(_Builder):
         if found is not None:
             return found  # type: ignore[no-any-return]
         self.pids += 1
-        value = pid.value
-        if type(value) is not tuple or len(value) != 5:
-            raise _NotPlain
-        kind, storage_type, key, location, _numel = value
-        if kind != "storage" or type(key) is not str or type(location) is not str:
-            raise _NotPlain
+        storage_type, key, location = storage_pid(pid)
         record = self.layout.storages.get(key)
-        if record is None or type(storage_type) is not Global:
+        if record is None:
             raise _NotPlain
         found = (len(self.references), storage_dtype(storage_type, ""))
         self.references.append((key, record.nbytes, location))
