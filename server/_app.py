@@ -113,6 +113,8 @@ MAX_PATH = 4096  # Linux's PATH_MAX: nothing longer can be opened, so nothing lo
 MAX_NAME = 4096  # tensor names, prefixes, select entries
 MAX_TAG = 64  # a location tag ("cuda:7", "cpu")
 MAX_ID = 64  # lease and session ids (ckptd makes 22-character ones)
+# what ckptd makes its lease, session and arena ids of (secrets.token_urlsafe / token_hex)
+ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 STREAM_PIECE_BYTES = 1 << 20  # an arena's bytes go out in pieces of this size
 
 
@@ -190,7 +192,8 @@ def check_path(value: str) -> str:
 CheckedPath = Annotated[str, Field(max_length=MAX_PATH), AfterValidator(check_path)]
 Name = Annotated[str, Field(max_length=MAX_NAME)]
 Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG)]
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
+IdPath = Annotated[str, PathParam(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
 
 
 class LoadRequest(BaseModel):
@@ -598,7 +601,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         response_class=Response, responses={200: SESSION_LOAD, **error_responses(401, *LOAD_ERRORS, 500)},
     )  # fmt: skip
     async def load_in_session(
-        session: Annotated[str, PathParam(min_length=1, max_length=MAX_ID)], request: LoadRequest
+        session: IdPath, request: LoadRequest
     ) -> Response:
         """A worker's first load and its session in one request: the session begins before
         the lease is made, the answer starts with the manifest and then stays open as
@@ -629,7 +632,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         "/v1/sessions/{session}", tags=["load"], summary="Hold a session open; its leases end when it closes",
         response_class=Response, responses={200: HEARTBEATS, **error_responses(401, 422, 500)},
     )  # fmt: skip
-    async def watch_session(session: Annotated[str, PathParam(max_length=MAX_ID)]) -> StreamingResponse:
+    async def watch_session(session: IdPath) -> StreamingResponse:
         """A line every few seconds for as long as the client keeps the connection; when it
         drops (the client died, even by SIGKILL), the session's leases are released."""
 
@@ -647,7 +650,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         "/v1/leases/{lease}/renew", tags=["load"], summary="Extend a lease",
         response_model=LeaseRenewal, responses=error_responses(401, 410, 422, 500),
     )  # fmt: skip
-    def renew(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> dict[str, Any]:
+    def renew(lease: IdPath) -> dict[str, Any]:
         return {"lease": lease, "expires_in": cache.renew(lease)}
 
     @app.get(
@@ -656,7 +659,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         response_class=Response, responses={200: ARENA_BYTES, 206: ARENA_RANGE, **error_responses(401, 404, 410, 416, 422, 500)},
     )  # fmt: skip
     def arena_bytes(
-        lease: Annotated[str, PathParam(max_length=MAX_ID)], arena: Annotated[str, PathParam(max_length=MAX_ID)],
+        lease: IdPath, arena: IdPath,
         range_header: Annotated[str | None, Header(alias="Range", max_length=MAX_NAME)] = None,
     ) -> Response:
         """For workers that cannot map the daemon's shared memory: they stream the storages'
@@ -681,7 +684,7 @@ def _add_load_routes(app: FastAPI, cache: CacheService) -> None:
         "/v1/leases/{lease}", tags=["load"], status_code=204, summary="Release a lease (idempotent)",
         response_class=Response, responses=error_responses(401, 422, 500),
     )  # fmt: skip
-    def release(lease: Annotated[str, PathParam(max_length=MAX_ID)]) -> Response:
+    def release(lease: IdPath) -> Response:
         cache.release(lease)
         return Response(status_code=204)
 

@@ -252,11 +252,14 @@ def test_bad_loads_are_4xx_quickly_and_hold_nothing(
         ("DELETE", "/v1/checkpoints", {"params": {"ident": "never-cached"}}, 404),
         ("POST", "/v1/leases/nope/renew", {}, 410),
         ("GET", "/v1/sessions/" + "s" * 100, {}, 422),
+        ("GET", "/v1/sessions/%00", {}, 422),  # ids are what ckptd makes: URL-safe characters only
+        ("POST", "/v1/sessions/a%20b/load", {"json": {"path": "/m.pt"}}, 422),
+        ("POST", "/v1/leases/a.b/renew", {}, 422),
         ("GET", "/v1/nope", {}, 404),
         ("PUT", "/v1/load", {}, 405),
     ],
     ids=["bad-json", "bad-utf8", "too-big", "prefetch-nul", "evict-nul", "evict-unknown", "renew-unknown",
-         "long-session", "no-route", "wrong-method"],
+         "long-session", "nul-session", "space-session", "dot-lease", "no-route", "wrong-method"],
 )
 def test_bad_requests_keep_the_error_shape(http: httpx.Client, method: str, url: str, kwargs: dict, status: int) -> None:
     response = http.request(method, url, **kwargs)
@@ -296,7 +299,7 @@ _TARGETS = {
     "asterisk-form": (b"OPTIONS *", 404),
     "many-slashes": (b"GET " + b"/" * 20_000 + b"v1/stats", 404),
     "long-lease-and-arena": (b"GET /v1/leases/" + b"x" * 5_000 + b"/arenas/" + b"y" * 5_000, 422),
-    "nul-lease": (b"POST /v1/leases/%00/renew", 410),
+    "nul-lease": (b"POST /v1/leases/%00/renew", 422),  # not an id ckptd makes
 }
 
 
