@@ -57,7 +57,6 @@ TORCH, EMBEDDED, COLD, WARM, FIRST, PLAIN = (
 METHODS = (TORCH, EMBEDDED, COLD, WARM, FIRST)
 CASES = ("moe-200", "moe-2000", "moe-20000", "llm-1GiB", "llama-3.2-1b-quarter")
 PER_EXPERT = 100
-PLAIN_CHUNK = 16 << 20
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -154,7 +153,9 @@ def child(method: str, path: str, url: str) -> None:
     import ckptd
 
     if method == PLAIN:
-        print(json.dumps({"seconds": plain_read(path, 2)}))
+        from cpu_load import plain_read  # the CPU bench's floor: the file read into fresh shared memory
+
+        print(json.dumps({"seconds": plain_read(path, 2).wall}))
         return
     # Process set-up, not timed: what a worker imports and makes once (torch.load has all
     # of torch imported). The first call through ckptd.load(server=) is timed with its own.
@@ -176,34 +177,6 @@ def child(method: str, path: str, url: str) -> None:
     seconds = time.perf_counter() - start
     assert len(obj) > 0
     print(json.dumps({"seconds": seconds, "tensors": len(obj)}))
-
-
-def plain_read(path: str, threads: int) -> float:
-    """memfd + ftruncate + mmap(MAP_SHARED) + preadv of the whole file in 16 MiB chunks."""
-    import mmap
-    from concurrent.futures import ThreadPoolExecutor
-
-    start = time.perf_counter()
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
-    mem = os.memfd_create("bench-plain", os.MFD_CLOEXEC)
-    os.ftruncate(mem, size)
-    mapping = mmap.mmap(mem, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    view = memoryview(mapping)
-
-    def read(offset: int) -> None:
-        end = min(offset + PLAIN_CHUNK, size)
-        while offset < end:
-            offset += os.preadv(fd, [view[offset:end]], offset)
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(read, range(0, size, PLAIN_CHUNK)))
-    seconds = time.perf_counter() - start
-    view.release()
-    mapping.close()
-    os.close(mem)
-    os.close(fd)
-    return seconds
 
 
 def timed(method: str, path: Path, url: str) -> float:
