@@ -81,14 +81,10 @@ def rebuild_plain(
 
 def _build(scanned: ScanResult, storages: StorageSet, dry: bool) -> Built | None:
     """Build the object; ``dry`` builds it on meta storages, to learn whether it is plain."""
-    builder = _Builder(storages, dry)
     try:
-        value = builder.build(scanned.root, 0)
+        return Built(_Builder(storages, dry).build_root(scanned))
     except _NotPlain:
         return None
-    if builder.calls != scanned.calls or builder.pids != len(scanned.persistent_ids):
-        return None  # the pickle does something beside building its root
-    return Built(value)
 
 
 def _applies(layout: Layout, pickle_module: Any, load_args: dict[str, Any]) -> bool:
@@ -203,6 +199,14 @@ class _Builder:
         self.loaded: dict[str, tuple[torch.UntypedStorage, torch.dtype]] = {}
         self.calls = 0
         self.pids = 0
+
+    def build_root(self, scanned: ScanResult) -> Any:
+        """The scanned object built whole; not plain where the pickle does anything beside
+        building it (a call or storage id its root does not reach)."""
+        value = self.build(scanned.root, 0)
+        if self.calls != scanned.calls or self.pids != len(scanned.persistent_ids):
+            raise _NotPlain
+        return value
 
     def build(self, obj: Any, depth: int) -> Any:
         kind = type(obj)

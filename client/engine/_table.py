@@ -153,11 +153,9 @@ def describe_table(layout: Layout) -> TableSpec | None:
     describer = _Describer(layout)
     with no_gc():
         try:
-            obj = describer.build(scanned.root, 0)
+            obj = describer.build_root(scanned)
         except _NotPlain:
             return None
-    if describer.calls != scanned.calls or describer.pids != len(scanned.persistent_ids):
-        return None  # the pickle does something beside building its root
     out = io.BytesIO()
     _RowPickler(out, protocol=4).dump(obj)
     return TableSpec(tuple(describer.references), out.getvalue())
